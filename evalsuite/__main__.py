@@ -1,0 +1,3 @@
+from evalsuite.cli import console_main
+
+console_main()

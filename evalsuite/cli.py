@@ -1,0 +1,147 @@
+"""Command line: strings become a frozen `RunConfig` here; errors become exit codes here only.
+
+Exit codes: 0 success; 1 a gate failed; 2 usage or configuration error; 3 run error
+(model cannot load, corpus unusable, ...); 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from datetime import datetime
+from pathlib import Path
+
+from evalsuite import __version__
+from evalsuite.errors import EXIT_OK, EXIT_USAGE, EvalsuiteError, UsageError
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that raises UsageError instead of printing usage and calling sys.exit."""
+
+    def error(self, message: str):  # type: ignore[override]
+        raise UsageError(f"{message} (see `evalsuite {self.prog.split()[-1]} --help`)")
+
+
+def _positive_int_or_auto(text: str) -> int | None:
+    if text == "auto":
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number or 'auto', got {text!r}") from None
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="evalsuite", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"evalsuite {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
+    sub = parser.add_subparsers(dest="command", parser_class=_Parser)
+
+    run = sub.add_parser("run", help="measure perplexity and divergence of each dtype against the reference")
+    run.add_argument("--model", help="checkpoint directory or Hugging Face id (default: embedded Gemma 3 270M)")
+    run.add_argument("--dtypes", default="fp16,bf16", help="comma-separated test dtypes (fp16, bf16, fp32)")
+    run.add_argument("--reference", default="fp32", help="reference dtype (default fp32, run with TF32 off)")
+    run.add_argument("--device", default="auto", help="auto, cuda, cuda:N or cpu")
+    run.add_argument("--corpus", default="bundled:zh",
+                     help="bundled:zh, a .txt/.jsonl/.parquet file, or hf:DATASET for a Hugging Face dataset")
+    run.add_argument("--corpus-column", default="text", help="text field of .jsonl/.parquet/dataset rows")
+    run.add_argument("--corpus-config", default=None, help="Hugging Face dataset config name")
+    run.add_argument("--corpus-split", default="test", help="Hugging Face dataset split")
+    run.add_argument("--seq-len", type=int, default=2048, help="scored tokens per window (default 2048)")
+    run.add_argument("--max-tokens", type=int, default=None, help="score at most this many tokens")
+    run.add_argument("--batch-size", type=_positive_int_or_auto, default=None, help="windows per batch or 'auto'")
+    run.add_argument("--out", type=Path, default=None, help="output directory (default reports/run-TIMESTAMP)")
+    run.add_argument("--seed", type=int, default=0)
+    run.add_argument("--noise-tokens", type=int, default=32768,
+                     help="tokens re-scored by a second reference pass to measure the noise floor")
+    run.add_argument("--buffer-gib", type=float, default=None,
+                     help="memory for the reference's logits (default: half the free device memory)")
+    run.add_argument("--attn-implementation", default=None, help="e.g. sdpa, eager (default: transformers')")
+    run.add_argument("--trust-remote-code", action="store_true", help="allow code from the checkpoint (off by default)")
+    run.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return parser
+
+
+def config_from_args(args: argparse.Namespace):
+    from evalsuite.config import RunConfig
+    from evalsuite.corpus import CorpusSpec
+    from evalsuite.precision import parse_dtype
+
+    names = [d for d in args.dtypes.split(",") if d.strip()]
+    out = args.out or Path("reports") / datetime.now().strftime("run-%Y%m%d-%H%M%S")
+    return RunConfig(
+        model=args.model,
+        dtypes=tuple(parse_dtype(d) for d in names),
+        reference=parse_dtype(args.reference),
+        device=args.device,
+        corpus=CorpusSpec(source=args.corpus, column=args.corpus_column, hf_config=args.corpus_config,
+                          hf_split=args.corpus_split),
+        seq_len=args.seq_len,
+        max_tokens=args.max_tokens,
+        batch_size=args.batch_size,
+        out_dir=out,
+        seed=args.seed,
+        trust_remote_code=args.trust_remote_code,
+        noise_tokens=args.noise_tokens,
+        buffer_gib=args.buffer_gib,
+        attn_implementation=args.attn_implementation,
+        progress=not args.no_progress,
+    )
+
+
+def _check_writable(out_dir: Path) -> None:
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        probe = out_dir / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        raise UsageError(f"cannot write to output directory {out_dir} ({exc.strerror}); pass a writable --out") from exc
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from evalsuite.demo import demo_checkpoint
+    from evalsuite.results import write_results
+    from evalsuite.runner import run, say
+    from evalsuite.table import format_table
+
+    cfg = config_from_args(args)
+    _check_writable(cfg.out_dir)
+    source = cfg.model or str(demo_checkpoint())
+    results, per_token = run(cfg, source)
+    write_results(cfg.out_dir / "results.json", results)
+    tmp = cfg.out_dir / ".per_token.tmp.npz"
+    np.savez_compressed(tmp, **per_token)
+    tmp.replace(cfg.out_dir / "per_token.npz")
+    print(format_table(results.to_dict()))
+    say(f"results written to {cfg.out_dir / 'results.json'}")
+    return EXIT_OK
+
+
+COMMANDS = {"run": cmd_run}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    try:
+        args = build_parser().parse_args(argv)
+        if args.command is None:
+            build_parser().print_help()
+            return EXIT_USAGE
+        return COMMANDS[args.command](args)
+    except EvalsuiteError as exc:
+        if debug:
+            raise
+        print(f"evalsuite: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("evalsuite: interrupted", file=sys.stderr)
+        return 130
+
+
+def console_main() -> None:
+    sys.exit(main())

@@ -1,0 +1,178 @@
+"""Evaluation text -> token windows in which every corpus token is predicted exactly once.
+
+Window rule (documented in README "How tokens are scored"):
+- The corpus is one token stream: each document (line, JSONL record, dataset row) is tokenized
+  without special tokens, with a trailing newline, and the documents are concatenated.
+- The stream is cut into consecutive, non-overlapping windows of `seq_len` scored tokens; the
+  last window may be shorter (it is run on its own, so no padding is ever needed).
+- If the tokenizer has a BOS token, every window is fed as [BOS, t_1..t_L] and all L tokens
+  are scored: the first token of a window is predicted from BOS alone. If it has none, each
+  window is fed with the token just before it as its only context ([t_0, t_1..t_L]); the very
+  first token of the stream is then the one token that is never scored.
+- Bits per byte divide the summed NLL (in bits) by the UTF-8 bytes of the text the scored
+  tokens cover (from the tokenizer's offsets), so tokenizers with different vocabularies compare.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+
+from evalsuite.errors import CorpusError, MissingExtraError
+
+BUNDLED_CORPUS = "bundled:zh"
+
+
+@dataclass(frozen=True)
+class CorpusSpec:
+    """Where the evaluation text comes from. `source` is "bundled:zh", a file path, or "hf:NAME"."""
+
+    source: str = BUNDLED_CORPUS
+    column: str = "text"  # JSONL/parquet/dataset column holding the text
+    hf_config: str | None = None
+    hf_split: str = "test"
+
+
+@dataclass(frozen=True)
+class TokenWindows:
+    windows: list[np.ndarray]  # each (L_i + 1,) int64: one context token, then L_i scored tokens
+    target_bytes: np.ndarray  # (N,) int64 UTF-8 bytes covered by each scored token
+    context: str  # "bos" or "previous-token"
+    seq_len: int
+
+    @property
+    def n_tokens(self) -> int:
+        return int(sum(len(w) - 1 for w in self.windows))
+
+    @property
+    def targets(self) -> np.ndarray:  # (N,) the scored token ids, in window order
+        return np.concatenate([w[1:] for w in self.windows])
+
+
+def load_texts(spec: CorpusSpec) -> tuple[list[str], dict[str, object]]:
+    """Read documents; return them with the corpus identity (source and content hash)."""
+    if spec.source == BUNDLED_CORPUS:
+        raw = resources.files("evalsuite").joinpath("data/zh_corpus.txt").read_bytes()
+        texts = _decode_lines(raw, "the bundled corpus")
+    elif spec.source.startswith("hf:"):
+        texts = _load_hf(spec)
+    else:
+        texts = _load_file(Path(spec.source), spec.column)
+    texts = [t for t in texts if t.strip()]
+    if not texts:
+        raise CorpusError(f"corpus {spec.source} holds no text; give a file with at least one non-empty line")
+    digest = hashlib.sha256("\n".join(texts).encode("utf-8")).hexdigest()
+    identity = {
+        "source": spec.source,
+        "column": spec.column if not spec.source.startswith("bundled:") else None,
+        "sha256": digest,
+        "n_documents": len(texts),
+        "n_chars": sum(len(t) for t in texts),
+        "n_bytes": sum(len(t.encode("utf-8")) for t in texts),
+    }
+    return texts, identity
+
+
+def _decode_lines(raw: bytes, what: str) -> list[str]:
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise CorpusError(f"{what} is not UTF-8 (byte {exc.start}); convert it, e.g. `iconv -f GB18030 -t UTF-8`") from exc
+    return text.lstrip("\ufeff").splitlines()
+
+
+def _load_file(path: Path, column: str) -> list[str]:
+    if not path.is_file():
+        raise CorpusError(f"corpus file {path} does not exist; pass a .txt, .jsonl or .parquet file")
+    suffix = path.suffix.lower()
+    if suffix == ".parquet":
+        try:
+            import pyarrow.parquet as pq
+        except ImportError as exc:
+            raise MissingExtraError("reading .parquet needs pyarrow: pip install 'evalsuite[data]'") from exc
+        try:
+            table = pq.read_table(path)
+        except Exception as exc:  # pyarrow raises several unrelated types for bad files
+            raise CorpusError(f"corpus file {path} is not a readable parquet file ({exc})") from exc
+        if column not in table.column_names:
+            raise CorpusError(f"{path} has no column {column!r} (columns: {', '.join(table.column_names)}); use --corpus-column")
+        return [str(v) for v in table.column(column).to_pylist() if v is not None]
+    lines = _decode_lines(path.read_bytes(), f"corpus file {path}")
+    if suffix in (".jsonl", ".ndjson"):
+        texts = []
+        for number, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise CorpusError(f"{path}:{number} is not valid JSON ({exc.msg})") from exc
+            if not isinstance(record, dict) or column not in record:
+                raise CorpusError(f"{path}:{number} has no field {column!r}; use --corpus-column")
+            texts.append(str(record[column]))
+        return texts
+    return lines
+
+
+def _load_hf(spec: CorpusSpec) -> list[str]:
+    try:
+        import datasets
+    except ImportError as exc:
+        raise MissingExtraError("Hugging Face datasets need `datasets`: pip install 'evalsuite[data]'") from exc
+    name = spec.source[3:]
+    try:
+        ds = datasets.load_dataset(name, spec.hf_config, split=spec.hf_split)
+    except Exception as exc:  # datasets raises many types (network, missing config, bad split)
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CorpusError(f"could not load dataset {name!r} (config {spec.hf_config}, split {spec.hf_split}): {first}") from exc
+    if spec.column not in ds.column_names:
+        raise CorpusError(f"dataset {name} has no column {spec.column!r} (columns: {', '.join(ds.column_names)}); use --corpus-column")
+    return [str(v) for v in ds[spec.column] if v is not None]
+
+
+def tokenize(texts: list[str], tokenizer, seq_len: int, max_tokens: int | None = None) -> TokenWindows:
+    """Tokenize once per run and cut into windows (see the module docstring for the rules)."""
+    docs = [t + "\n" for t in texts]
+    enc = tokenizer(docs, add_special_tokens=False, return_offsets_mapping=bool(tokenizer.is_fast))
+    ids_parts, bytes_parts = [], []
+    for i, doc in enumerate(docs):
+        ids = np.asarray(enc["input_ids"][i], dtype=np.int64)
+        if len(ids) == 0:
+            continue
+        ids_parts.append(ids)
+        if tokenizer.is_fast:
+            bytes_parts.append(_bytes_from_offsets(doc, enc["offset_mapping"][i]))
+        else:  # slow tokenizers have no offsets: decode each token (close, not exact)
+            bytes_parts.append(np.array([len(tokenizer.decode([t]).encode("utf-8")) for t in ids], dtype=np.int64))
+    if not ids_parts:
+        raise CorpusError("the corpus tokenized to zero tokens; check the tokenizer and the text")
+    stream = np.concatenate(ids_parts)
+    stream_bytes = np.concatenate(bytes_parts)
+
+    bos = tokenizer.bos_token_id
+    context = "bos" if bos is not None else "previous-token"
+    first = 0 if bos is not None else 1  # without BOS the first token has no context
+    limit = len(stream) if max_tokens is None else min(len(stream), first + max_tokens)
+    if limit - first < 1:
+        raise CorpusError("the corpus is too short: it gives no token to score; give more text")
+    windows = []
+    for start in range(first, limit, seq_len):
+        stop = min(start + seq_len, limit)
+        prefix = np.array([bos], dtype=np.int64) if bos is not None else stream[start - 1 : start]
+        windows.append(np.concatenate([prefix, stream[start:stop]]))
+    return TokenWindows(windows=windows, target_bytes=stream_bytes[first:limit], context=context, seq_len=seq_len)
+
+
+def _bytes_from_offsets(doc: str, offsets) -> np.ndarray:
+    """UTF-8 bytes per token; gaps between tokens go to the next token, the tail to the last."""
+    codepoints = np.frombuffer(doc.encode("utf-32-le"), dtype=np.uint32)
+    char_bytes = 1 + (codepoints >= 0x80) + (codepoints >= 0x800) + (codepoints >= 0x10000)
+    byte_at = np.concatenate([[0], np.cumsum(char_bytes, dtype=np.int64)])  # (n_chars + 1,)
+    ends = np.maximum.accumulate(np.asarray([end for _, end in offsets], dtype=np.int64))
+    ends[-1] = len(doc)
+    return np.diff(byte_at[ends], prepend=0)

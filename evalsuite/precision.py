@@ -1,0 +1,128 @@
+"""The one dtype table, and the numeric flags that make an FP32 reference true FP32.
+
+Everything that needs to know about a precision reads `DTYPES`; a name not in it is a
+`UsageError` that lists the valid choices. Ranges come from `torch.finfo`, so they are the
+numbers the hardware uses, not numbers copied from a datasheet.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+from evalsuite.errors import UsageError
+
+
+@dataclass(frozen=True)
+class Precision:
+    name: str  # user-facing name, e.g. "bf16"
+    dtype: torch.dtype
+    finite_max: float  # largest finite value (65504 for fp16)
+    smallest_normal: float
+    smallest_subnormal: float
+    mantissa_bits: int  # explicit fraction bits (10 for fp16, 7 for bf16)
+
+
+def _precision(name: str, dtype: torch.dtype, mantissa_bits: int) -> Precision:
+    info = torch.finfo(dtype)
+    return Precision(
+        name=name,
+        dtype=dtype,
+        finite_max=float(info.max),
+        smallest_normal=float(info.tiny),
+        smallest_subnormal=float(info.smallest_normal * info.eps),
+        mantissa_bits=mantissa_bits,
+    )
+
+
+DTYPES: dict[str, Precision] = {
+    "fp32": _precision("fp32", torch.float32, 23),
+    "fp16": _precision("fp16", torch.float16, 10),
+    "bf16": _precision("bf16", torch.bfloat16, 7),
+}
+
+_BY_TORCH_DTYPE = {p.dtype: p for p in DTYPES.values()}
+
+
+def parse_dtype(name: str) -> Precision:
+    """Turn a user string into a `Precision`; anything unknown names the valid choices."""
+    key = name.strip().lower()
+    if key not in DTYPES:
+        raise UsageError(f"unknown dtype {name!r}: choose from {', '.join(DTYPES)}")
+    return DTYPES[key]
+
+
+def precision_of(dtype: torch.dtype) -> Precision | None:
+    return _BY_TORCH_DTYPE.get(dtype)
+
+
+def unsupported_reason(precision: Precision, device: torch.device) -> str | None:
+    """Why `device` cannot run `precision`, or None if it can.
+
+    BF16 needs compute capability 8.0 (Ampere) for native matmuls; older cards emulate it
+    slowly or not at all, so a run skips it there with this message instead of crashing.
+    """
+    if device.type == "cuda":
+        if precision.dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported(including_emulation=False):
+            name = torch.cuda.get_device_name(device)
+            return f"{name} has no native BF16 (needs compute capability >= 8.0)"
+    return None
+
+
+def numeric_flags() -> dict[str, object]:
+    """The global flags that change float32/low-precision results, as they are right now."""
+    flags: dict[str, object] = {
+        "float32_matmul_precision": torch.get_float32_matmul_precision(),
+        "cuda_matmul_allow_tf32": torch.backends.cuda.matmul.allow_tf32,
+        "cudnn_allow_tf32": torch.backends.cudnn.allow_tf32,
+        "cuda_matmul_allow_fp16_reduced_precision_reduction": (
+            torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction
+        ),
+        "cuda_matmul_allow_bf16_reduced_precision_reduction": (
+            torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction
+        ),
+        "deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
+    }
+    # torch >= 2.9 also exposes the newer per-backend precision knobs; record them where present.
+    for key, obj in (("cuda_matmul_fp32_precision", torch.backends.cuda.matmul),
+                     ("cudnn_fp32_precision", torch.backends.cudnn)):
+        value = getattr(obj, "fp32_precision", None)
+        if value is not None:
+            flags[key] = str(value)
+    if torch.cuda.is_available():
+        flags["sdpa_flash"] = torch.backends.cuda.flash_sdp_enabled()
+        flags["sdpa_mem_efficient"] = torch.backends.cuda.mem_efficient_sdp_enabled()
+        flags["sdpa_math"] = torch.backends.cuda.math_sdp_enabled()
+    return flags
+
+
+@contextlib.contextmanager
+def exact_fp32() -> Iterator[dict[str, object]]:
+    """Run the block with TF32 and reduced-precision reductions off; yield the flags in force.
+
+    TF32 rounds float32 matmul inputs to 10 mantissa bits, which would make the "FP32"
+    reference about as precise as FP16 and hide the very differences we measure.
+    """
+    saved = (
+        torch.get_float32_matmul_precision(),
+        torch.backends.cuda.matmul.allow_tf32,
+        torch.backends.cudnn.allow_tf32,
+        torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction,
+        torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction,
+    )
+    torch.set_float32_matmul_precision("highest")
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction = False
+    torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = False
+    try:
+        yield numeric_flags()
+    finally:
+        torch.set_float32_matmul_precision(saved[0])
+        torch.backends.cuda.matmul.allow_tf32 = saved[1]
+        torch.backends.cudnn.allow_tf32 = saved[2]
+        torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction = saved[3]
+        torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = saved[4]

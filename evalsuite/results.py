@@ -1,0 +1,116 @@
+"""Frozen result records and their versioned JSON form (the contract for reports and gates).
+
+The report and the gates read only `results.json`, so they run on any machine without torch.
+Each dtype's `metrics` is a flat dict of scalars; later features add names to it, never nest.
+Non-finite floats are written as `null` (strict JSON has no NaN) and read back as None: a
+metric that is None is "not measurable", which a gate must treat as a failure, never a pass.
+See docs/results-schema.md for every field.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from evalsuite.errors import ResultsError
+
+SCHEMA_VERSION = 1
+
+Scalar = float | int | str | bool | None
+
+
+@dataclass(frozen=True)
+class DtypeResult:
+    name: str  # "fp32", "fp16", "bf16"
+    role: str  # "reference" | "test"
+    status: str  # "ok" | "broken" (non-finite outputs) | "skipped" (hardware) | "failed" (error)
+    message: str | None = None  # why a dtype is broken/skipped/failed, in words a user can act on
+    metrics: dict[str, Scalar] = field(default_factory=dict)
+    timing: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class RunResults:
+    config: dict[str, Any]
+    provenance: dict[str, Any]
+    model: dict[str, Any]
+    corpus: dict[str, Any]
+    reference: str
+    dtypes: dict[str, DtypeResult]
+    noise_floor: dict[str, Scalar] = field(default_factory=dict)
+    sections: dict[str, Any] = field(default_factory=dict)  # numerics, benchmarks, gates, ...
+    created_utc: str = ""
+    evalsuite_version: str = ""
+    schema_version: int = SCHEMA_VERSION
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        sections = out.pop("sections")
+        out.update(sections)
+        return _finite_or_none(out)
+
+
+def _finite_or_none(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {str(k): _finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite_or_none(v) for v in value]
+    return value
+
+
+_CORE_KEYS = {f for f in RunResults.__dataclass_fields__}
+
+
+def from_dict(data: dict[str, Any]) -> RunResults:
+    version = data.get("schema_version")
+    if version != SCHEMA_VERSION:
+        raise ResultsError(
+            f"results schema_version {version!r} is not supported (this evalsuite reads "
+            f"{SCHEMA_VERSION}); re-run `evalsuite run` with this version"
+        )
+    try:
+        dtypes = {name: DtypeResult(**d) for name, d in data["dtypes"].items()}
+        core = {k: v for k, v in data.items() if k in _CORE_KEYS and k not in ("dtypes", "sections")}
+        sections = {k: v for k, v in data.items() if k not in _CORE_KEYS}
+        return RunResults(dtypes=dtypes, sections=sections, **core)
+    except (KeyError, TypeError) as exc:
+        raise ResultsError(f"results file is missing or has malformed fields ({exc}); re-run the evaluation") from exc
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write via a temporary file and rename, so a kill never leaves a half-written file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_results(path: Path, results: RunResults) -> None:
+    text = json.dumps(results.to_dict(), indent=2, ensure_ascii=False, allow_nan=False)
+    atomic_write_text(path, text + "\n")
+
+
+def load_results(path: Path) -> RunResults:
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise ResultsError(f"results file {path} does not exist; pass the results.json of a run") from exc
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ResultsError(f"results file {path} is not valid JSON ({exc}); it may be truncated") from exc
+    if not isinstance(data, dict):
+        raise ResultsError(f"results file {path} does not hold a JSON object; pass the results.json of a run")
+    return from_dict(data)

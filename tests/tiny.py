@@ -1,0 +1,71 @@
+"""Tiny random-init checkpoints and an offline tokenizer, built from a config with a fixed seed.
+
+One module builds every test model, so every test exercises the same real `from_pretrained`
+path that a user's checkpoint takes.
+"""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+
+import torch
+
+VOCAB = 384
+
+
+def corpus_text() -> str:
+    return resources.files("evalsuite").joinpath("data/zh_corpus.txt").read_text(encoding="utf-8")
+
+
+def build_tokenizer(with_bos: bool = True):
+    """A byte-level BPE trained on the bundled corpus (a second or so, no network)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    special = ["<s>", "</s>", "<pad>"] if with_bos else ["</s>", "<pad>"]
+    trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=special,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(corpus_text().splitlines(), trainer=trainer)
+    kwargs = {"eos_token": "</s>", "pad_token": "<pad>"}
+    if with_bos:
+        kwargs["bos_token"] = "<s>"
+    return PreTrainedTokenizerFast(tokenizer_object=tok, **kwargs)
+
+
+def _config(arch: str, vocab: int):
+    from transformers import LlamaConfig, Qwen2Config
+
+    common = dict(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                  tie_word_embeddings=False)
+    if arch == "llama":
+        return LlamaConfig(**common)
+    if arch == "qwen2":
+        return Qwen2Config(**common)
+    raise ValueError(arch)
+
+
+def build_model(path: Path, arch: str = "llama", seed: int = 0, with_bos: bool = True,
+                dtype: torch.dtype = torch.float32, scale_lm_head: float | None = None) -> Path:
+    """Save a tiny random-init model + tokenizer to `path`; return `path`.
+
+    scale_lm_head multiplies the LM head weights, e.g. to push FP16 logits past 65504.
+    """
+    from transformers import AutoModelForCausalLM
+
+    tokenizer = build_tokenizer(with_bos)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(_config(arch, len(tokenizer)))
+    with torch.no_grad():  # a larger init than the default 0.02 gives non-trivial distributions
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.normal_(0.0, 0.15)
+        if scale_lm_head is not None:
+            model.lm_head.weight.mul_(scale_lm_head)
+    model.to(dtype).save_pretrained(path, safe_serialization=True)
+    tokenizer.save_pretrained(path)
+    return path
