@@ -32,6 +32,15 @@ def _positive_int_or_auto(text: str) -> int | None:
     return value
 
 
+def _add_gate_args(parser: argparse.ArgumentParser, required: bool) -> None:
+    parser.add_argument("--gate", required=required, metavar="FILE",
+                        help="gates TOML file, a pyproject.toml with [tool.evalsuite.gates], or 'default' "
+                             "(see docs/gates.md); exit 1 if a gate fails")
+    parser.add_argument("--baseline", metavar="FILE", help="results.json that 'baseline' bounds compare against")
+    parser.add_argument("--junit", metavar="FILE", help="write JUnit XML, one test case per gate")
+    parser.add_argument("--summary-md", metavar="FILE", help="write a Markdown summary (e.g. $GITHUB_STEP_SUMMARY)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="evalsuite", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"evalsuite {__version__}")
@@ -60,6 +69,18 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--attn-implementation", default=None, help="e.g. sdpa, eager (default: transformers')")
     run.add_argument("--trust-remote-code", action="store_true", help="allow code from the checkpoint (off by default)")
     run.add_argument("--no-progress", action="store_true", help="no progress bars")
+    _add_gate_args(run, required=False)
+
+    gate = sub.add_parser("gate", help="check a results.json against gates (no model needed); exit 1 if one fails")
+    gate.add_argument("results", help="results.json of a run, or its output directory")
+    _add_gate_args(gate, required=True)
+
+    report = sub.add_parser("report", help="re-render report.html from results.json (no model needed); "
+                                           "two files: compare the runs side by side")
+    report.add_argument("results", nargs="+", type=Path, metavar="RESULTS.json", help="one run, or two to compare")
+    report.add_argument("--compare", type=Path, default=None, metavar="B.json", help="a second run to compare with")
+    report.add_argument("-o", "--output", type=Path, default=None,
+                        help="output HTML (default: report.html beside results.json, or compare.html for two runs)")
     return parser
 
 
@@ -109,19 +130,78 @@ def cmd_run(args: argparse.Namespace) -> int:
     from evalsuite.table import format_table
 
     cfg = config_from_args(args)
+    gate_set = _load_gates(args, [p.name for p in (cfg.reference, *cfg.dtypes)])
     _check_writable(cfg.out_dir)
     source = cfg.model or str(demo_checkpoint())
     results, per_token = run(cfg, source)
     write_results(cfg.out_dir / "results.json", results)
+    from evalsuite.report import render_report, write_report
+
+    write_report(cfg.out_dir / "report.html", render_report(results.to_dict()))
     tmp = cfg.out_dir / ".per_token.tmp.npz"
     np.savez_compressed(tmp, **per_token)
     tmp.replace(cfg.out_dir / "per_token.npz")
     print(format_table(results.to_dict()))
     say(f"results written to {cfg.out_dir / 'results.json'}")
+    if gate_set is None:
+        return EXIT_OK
+    from dataclasses import replace
+
+    from evalsuite import gates
+
+    outcomes = gates.evaluate(gate_set, results)
+    gated = replace(results, sections={**results.sections, "gates": gates.section(gate_set, outcomes)})
+    write_results(cfg.out_dir / "results.json", gated)
+    write_report(cfg.out_dir / "report.html", render_report(gated.to_dict()))  # now with the gates
+    gates.report(gate_set, outcomes, results, args.junit, args.summary_md)
+    return gates.exit_code(outcomes)
+
+
+def _load_gates(args: argparse.Namespace, dtype_names: list[str] | None = None):
+    """Parse the gate file and baseline before any model loads: a typo must not cost a GPU run."""
+    from evalsuite import gates
+
+    if args.gate is None:
+        given = [flag for flag in ("baseline", "junit", "summary_md") if getattr(args, flag)]
+        if given:
+            raise UsageError(f"--{given[0].replace('_', '-')} needs --gate FILE (or --gate default)")
+        return None
+    gate_set = gates.load(args.gate, args.baseline)
+    if dtype_names is not None:
+        gates.check_dtypes(gate_set, dtype_names)
+    return gate_set
+
+
+def cmd_gate(args: argparse.Namespace) -> int:
+    from evalsuite import gates
+    from evalsuite.results import load_results
+
+    gate_set = _load_gates(args)
+    results = load_results(gates.results_path(args.results))
+    outcomes = gates.evaluate(gate_set, results)
+    gates.report(gate_set, outcomes, results, args.junit, args.summary_md)
+    return gates.exit_code(outcomes)
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from evalsuite import report
+
+    paths = [p / "results.json" if p.is_dir() else p for p in [*args.results, *filter(None, [args.compare])]]
+    if len(paths) > 2:
+        raise UsageError("evalsuite report takes one results.json, or two to compare (see `evalsuite report --help`)")
+    runs = [report.load(p) for p in paths]
+    if len(runs) == 1:
+        out = args.output or paths[0].parent / "report.html"
+        html = report.render_report(runs[0])
+    else:
+        out = args.output or paths[0].parent / "compare.html"
+        html = report.render_compare(*runs, files=(str(paths[0]), str(paths[1])))
+    report.write_report(out, html)
+    print(f"evalsuite: report written to {out}", file=sys.stderr)
     return EXIT_OK
 
 
-COMMANDS = {"run": cmd_run}
+COMMANDS = {"run": cmd_run, "gate": cmd_gate, "report": cmd_report}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,4 +1,4 @@
-"""Per-token statistics from logits, computed on the device in float32 with float64 sums.
+"""Per-token statistics from logits, computed on the device in float64.
 
 These run on a chunk of tokens at a time ((C, V) logits, C chosen so one chunk is a few hundred
 MB), so no full-vocabulary float32 tensor for a whole batch ever exists. They are pure
@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
+from evalsuite import kernels
+
 
 @dataclass(frozen=True)
 class ReferenceTokens:
@@ -21,10 +23,14 @@ class ReferenceTokens:
 
 def reference_tokens(logits: torch.Tensor, targets: torch.Tensor) -> ReferenceTokens:
     """NLL and argmax per token. logits (C, V) any float dtype; targets (C,) int64."""
-    x = logits.float()  # (C, V)
+    if kernels.available(logits.device):
+        out = kernels.fused_rows(logits, logits)  # (C, 8): the test columns describe `logits` itself
+        target_logit = logits.gather(1, targets[:, None]).squeeze(1).double()
+        return ReferenceTokens(nll=out[:, 2] - target_logit, argmax=out[:, 5].long(), nonfinite=out[:, 6].long())
+    x = logits.double()  # (C, V) float64: the NLL sums to a perplexity over many tokens
     lse = torch.logsumexp(x, dim=-1)  # (C,)
     target_logit = x.gather(1, targets[:, None]).squeeze(1)  # (C,)
-    nll = (lse.double() - target_logit.double())
+    nll = lse - target_logit
     nonfinite = (~torch.isfinite(x)).sum(dim=-1)
     return ReferenceTokens(nll=nll, argmax=x.argmax(dim=-1), nonfinite=nonfinite)
 
@@ -43,27 +49,48 @@ def token_divergence(ref_logits: torch.Tensor, test_logits: torch.Tensor, target
     """Compare a test dtype's logits with the reference's for the same C tokens.
 
     ref_logits (C, V) float32, test_logits (C, V) any float dtype, targets (C,) int64.
-    KL is over the full vocabulary: sum_v p_ref(v) * (log p_ref(v) - log p_test(v)), with the
-    log-softmaxes in float32 and the vocabulary sum accumulated in float64. Tokens whose test
-    logits are not all finite get NaN here; the caller counts and excludes them.
+    KL is over the full vocabulary: sum_v p_ref(v) * (log p_ref(v) - log p_test(v)), all in
+    float64. Why not float32: a float32 log-softmax carries an error of about |logsumexp| * 6e-8
+    (1e-6 nats for logits near 20) into every token's KL, as large as FP16's whole effect on a
+    good model. Tokens whose test logits are not all finite get NaN; the caller excludes them.
     """
-    ref = ref_logits.float()  # (C, V)
-    test = test_logits.float()  # (C, V)
+    if kernels.available(ref_logits.device):
+        return _fused_divergence(ref_logits, test_logits, targets)
+    ref = ref_logits.double()  # (C, V)
+    test = test_logits.double()  # (C, V)
     test_tokens = reference_tokens(test, targets)
     lp_ref = torch.log_softmax(ref, dim=-1)  # (C, V)
     lp_test = torch.log_softmax(test, dim=-1)  # (C, V)
-    p_ref_all = lp_ref.exp()  # (C, V)
-    kl = (p_ref_all * (lp_ref - lp_test)).sum(dim=-1, dtype=torch.float64)  # (C,)
-    p_ref = lp_ref.gather(1, targets[:, None]).squeeze(1).double().exp()
-    p_test = lp_test.gather(1, targets[:, None]).squeeze(1).double().exp()
-    dlogit = (test - ref).abs().amax(dim=-1)  # (C,)
+    kl = (lp_ref.exp() * (lp_ref - lp_test)).sum(dim=-1)  # (C,)
+    p_ref = lp_ref.gather(1, targets[:, None]).squeeze(1).exp()
+    p_test = lp_test.gather(1, targets[:, None]).squeeze(1).exp()
+    dlogit = (test - ref).abs().amax(dim=-1).float()  # (C,)
     bad = test_tokens.nonfinite > 0
-    nan = torch.tensor(float("nan"), device=ref.device)
+    nan = torch.tensor(float("nan"), device=ref.device, dtype=torch.float64)
     return TokenDivergence(
-        kl=torch.where(bad, nan.double(), kl),
+        kl=torch.where(bad, nan, kl),
         top1_agree=(test_tokens.argmax == ref.argmax(dim=-1)) & ~bad,
         p_ref=p_ref,
-        p_test=torch.where(bad, nan.double(), p_test),
-        max_abs_dlogit=torch.where(bad, nan, dlogit),
+        p_test=torch.where(bad, nan, p_test),
+        max_abs_dlogit=torch.where(bad, nan.float(), dlogit),
         test=test_tokens,
+    )
+
+
+def _fused_divergence(ref_logits: torch.Tensor, test_logits: torch.Tensor, targets: torch.Tensor) -> TokenDivergence:
+    """The same statistics from one fused pass (kernels.py): no (C, V) float64 temporaries."""
+    out = kernels.fused_rows(ref_logits, test_logits)  # (C, 8) float64
+    kl, lse_ref, lse_test, dmax = out[:, 0], out[:, 1], out[:, 2], out[:, 3]
+    argmax_ref, argmax_test, bad = out[:, 4].long(), out[:, 5].long(), out[:, 6] > 0
+    ref_t = ref_logits.gather(1, targets[:, None]).squeeze(1).double()
+    test_t = test_logits.gather(1, targets[:, None]).squeeze(1).double()
+    nan = torch.tensor(float("nan"), device=out.device, dtype=torch.float64)
+    test = ReferenceTokens(nll=lse_test - test_t, argmax=argmax_test, nonfinite=out[:, 6].long())
+    return TokenDivergence(
+        kl=torch.where(bad, nan, kl),
+        top1_agree=(argmax_ref == argmax_test) & ~bad,
+        p_ref=(ref_t - lse_ref).exp(),
+        p_test=torch.where(bad, nan, (test_t - lse_test).exp()),
+        max_abs_dlogit=torch.where(bad, nan, dmax).float(),
+        test=test,
     )

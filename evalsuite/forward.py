@@ -18,7 +18,9 @@ from tqdm.auto import tqdm
 
 from evalsuite.errors import EvalsuiteError
 
-CHUNK_BYTES = {"cuda": 512 * 2**20, "cpu": 64 * 2**20}  # float32 bytes of one (C, V) logits chunk
+# float32 bytes of one (C, V) logits chunk. On CUDA the fused kernel (kernels.py) needs no
+# temporaries beyond the chunk; the CPU path makes float64 copies, so its chunks stay small.
+CHUNK_BYTES = {"cuda": 1024 * 2**20, "cpu": 32 * 2**20}
 
 
 class Scorer:
@@ -89,6 +91,7 @@ class PassStats:
     batch_size: int
     seconds: float
     n_tokens: int
+    peak_memory_gib: float | None  # CUDA only: peak allocated during the pass, model weights included
 
 
 OnChunk = Callable[[int, torch.Tensor, torch.Tensor], None]  # (flat token offset, logits (C,V), targets (C,))
@@ -107,6 +110,8 @@ def run_pass(scorer: Scorer, windows: list[np.ndarray], batch_size: int, on_chun
     total = sum(len(w) - 1 for w in windows)
     bar = tqdm(total=total, desc=desc, unit="tok", disable=not progress, leave=False, dynamic_ncols=True)
     _sync(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     t0 = time.perf_counter()
     i, offset = 0, 0
     while i < len(windows):
@@ -134,8 +139,10 @@ def run_pass(scorer: Scorer, windows: list[np.ndarray], batch_size: int, on_chun
         i = j
         bar.update(n)
     _sync(device)
+    seconds = time.perf_counter() - t0
     bar.close()
-    return PassStats(batch_size=batch_size, seconds=time.perf_counter() - t0, n_tokens=total)
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    return PassStats(batch_size=batch_size, seconds=seconds, n_tokens=total, peak_memory_gib=peak)
 
 
 def _sync(device: torch.device) -> None:

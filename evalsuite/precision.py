@@ -72,26 +72,50 @@ def unsupported_reason(precision: Precision, device: torch.device) -> str | None
     return None
 
 
+# torch >= 2.9 has per-backend `fp32_precision` knobs ("ieee", "tf32", "none" = inherit) and
+# raises if code mixes them with the legacy allow_tf32 / set_float32_matmul_precision API in
+# one process; so use the new API where it exists and the legacy one only where it doesn't.
+_NEW_API = hasattr(torch.backends.cuda.matmul, "fp32_precision")
+_NEW_KNOBS = {
+    "cuda_matmul_fp32_precision": (torch.backends.cuda, "matmul"),
+    "cudnn_conv_fp32_precision": (torch.backends.cudnn, "conv"),
+    "cudnn_rnn_fp32_precision": (torch.backends.cudnn, "rnn"),
+}
+
+
+def _knob(parent, name):
+    return getattr(parent, name)
+
+
+def _effective(value: str, parent: str) -> str:
+    return parent if value == "none" else value
+
+
 def numeric_flags() -> dict[str, object]:
     """The global flags that change float32/low-precision results, as they are right now."""
-    flags: dict[str, object] = {
-        "float32_matmul_precision": torch.get_float32_matmul_precision(),
-        "cuda_matmul_allow_tf32": torch.backends.cuda.matmul.allow_tf32,
-        "cudnn_allow_tf32": torch.backends.cudnn.allow_tf32,
-        "cuda_matmul_allow_fp16_reduced_precision_reduction": (
-            torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction
-        ),
-        "cuda_matmul_allow_bf16_reduced_precision_reduction": (
-            torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction
-        ),
-        "deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
-    }
-    # torch >= 2.9 also exposes the newer per-backend precision knobs; record them where present.
-    for key, obj in (("cuda_matmul_fp32_precision", torch.backends.cuda.matmul),
-                     ("cudnn_fp32_precision", torch.backends.cudnn)):
-        value = getattr(obj, "fp32_precision", None)
-        if value is not None:
-            flags[key] = str(value)
+    flags: dict[str, object] = {}
+    if _NEW_API:
+        flags["fp32_precision_api"] = "fp32_precision"
+        root = str(torch.backends.fp32_precision)
+        flags["global_fp32_precision"] = root
+        for key, (parent, name) in _NEW_KNOBS.items():
+            flags[key] = str(_knob(parent, name).fp32_precision)
+        matmul = _effective(flags["cuda_matmul_fp32_precision"], root)
+        conv = _effective(flags["cudnn_conv_fp32_precision"], _effective(str(torch.backends.cudnn.fp32_precision), root))
+        flags["cuda_matmul_allow_tf32"] = matmul == "tf32"
+        flags["cudnn_allow_tf32"] = conv == "tf32"
+    else:
+        flags["fp32_precision_api"] = "legacy"
+        flags["float32_matmul_precision"] = torch.get_float32_matmul_precision()
+        flags["cuda_matmul_allow_tf32"] = torch.backends.cuda.matmul.allow_tf32
+        flags["cudnn_allow_tf32"] = torch.backends.cudnn.allow_tf32
+    flags["cuda_matmul_allow_fp16_reduced_precision_reduction"] = (
+        torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction
+    )
+    flags["cuda_matmul_allow_bf16_reduced_precision_reduction"] = (
+        torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction
+    )
+    flags["deterministic_algorithms"] = torch.are_deterministic_algorithms_enabled()
     if torch.cuda.is_available():
         flags["sdpa_flash"] = torch.backends.cuda.flash_sdp_enabled()
         flags["sdpa_mem_efficient"] = torch.backends.cuda.mem_efficient_sdp_enabled()
@@ -106,23 +130,26 @@ def exact_fp32() -> Iterator[dict[str, object]]:
     TF32 rounds float32 matmul inputs to 10 mantissa bits, which would make the "FP32"
     reference about as precise as FP16 and hide the very differences we measure.
     """
-    saved = (
-        torch.get_float32_matmul_precision(),
-        torch.backends.cuda.matmul.allow_tf32,
-        torch.backends.cudnn.allow_tf32,
-        torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction,
-        torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction,
-    )
-    torch.set_float32_matmul_precision("highest")
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
-    torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction = False
-    torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = False
+    matmul = torch.backends.cuda.matmul
+    saved_rpr = (matmul.allow_fp16_reduced_precision_reduction, matmul.allow_bf16_reduced_precision_reduction)
+    if _NEW_API:
+        saved = {key: _knob(parent, name).fp32_precision for key, (parent, name) in _NEW_KNOBS.items()}
+        for parent, name in _NEW_KNOBS.values():
+            _knob(parent, name).fp32_precision = "ieee"
+    else:
+        saved = (torch.get_float32_matmul_precision(), matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+        torch.set_float32_matmul_precision("highest")
+        matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+    matmul.allow_fp16_reduced_precision_reduction = False
+    matmul.allow_bf16_reduced_precision_reduction = False
     try:
         yield numeric_flags()
     finally:
-        torch.set_float32_matmul_precision(saved[0])
-        torch.backends.cuda.matmul.allow_tf32 = saved[1]
-        torch.backends.cudnn.allow_tf32 = saved[2]
-        torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction = saved[3]
-        torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = saved[4]
+        if _NEW_API:
+            for key, (parent, name) in _NEW_KNOBS.items():
+                _knob(parent, name).fp32_precision = saved[key]
+        else:
+            torch.set_float32_matmul_precision(saved[0])
+            matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved[1], saved[2]
+        matmul.allow_fp16_reduced_precision_reduction, matmul.allow_bf16_reduced_precision_reduction = saved_rpr

@@ -142,14 +142,16 @@ def run(cfg: RunConfig, source: str):
             seg_tokens = sum(len(w) - 1 for w in seg_windows)
             buffer = torch.empty((seg_tokens, scorer.vocab_size), dtype=torch.float32, device=device)
 
+            staged = _staging(seg_tokens, device, divergence=False)
+
             def keep_reference(pos: int, logits: torch.Tensor, tgt: torch.Tensor) -> None:
-                buffer[pos : pos + len(tgt)] = logits.float()
-                r = reference_tokens(logits, tgt)
-                sl = slice(offset + pos, offset + pos + len(tgt))
-                ref.nll[sl], ref.argmax[sl], ref.nonfinite[sl] = (t.cpu().numpy() for t in (r.nll, r.argmax, r.nonfinite))
+                buffer[pos : pos + len(tgt)] = logits  # copy_ casts in place: no float32 temporary
+                _stage(staged, pos, reference_tokens(logits, tgt))
 
             stats = run_pass(scorer, seg_windows, batch, keep_reference, f"{cfg.reference.name} (reference)", cfg.progress)
+            _flush(staged, ref, offset)
             ref.timing["pass_s"] += stats.seconds
+            _note_peak(ref, stats)
             ref.batch_size = batch = stats.batch_size
             if seg_index == 0:
                 noise = _noise_pass(cfg, scorer, seg_windows, buffer, batch, targets)
@@ -171,11 +173,15 @@ def run(cfg: RunConfig, source: str):
             prov.setdefault("test_flags", numeric_flags())
             scorer = Scorer(model, device)
 
-            def compare(pos: int, logits: torch.Tensor, tgt: torch.Tensor, test=test) -> None:
-                _store_divergence(test, offset + pos, token_divergence(buffer[pos : pos + len(tgt)], logits, tgt))
+            staged = _staging(seg_tokens, device, divergence=True)
+
+            def compare(pos: int, logits: torch.Tensor, tgt: torch.Tensor, staged=staged) -> None:
+                _stage(staged, pos, token_divergence(buffer[pos : pos + len(tgt)], logits, tgt))
 
             stats = run_pass(scorer, seg_windows, batch, compare, p.name, cfg.progress)
+            _flush(staged, test, offset)
             test.timing["pass_s"] += stats.seconds
+            _note_peak(test, stats)
             test.batch_size = stats.batch_size
             del scorer
             unload(model)
@@ -184,7 +190,10 @@ def run(cfg: RunConfig, source: str):
         unload(None)
         seg_index += 1
 
-    prov.update(batch_size=batch, device=str(device), stored_dtype=stored_dtype(source))
+    from evalsuite import kernels
+
+    prov.update(batch_size=batch, device=str(device), stored_dtype=stored_dtype(source),
+                divergence_path="fused-triton-float64" if kernels.available(device) else "torch-float64")
     results = build_results(cfg, source, device, tokenizer, windows, corpus_identity, ref, noise, arrays,
                             skipped, failed, prov)
     per_token = {"targets": targets, "target_bytes": windows.target_bytes,
@@ -195,16 +204,36 @@ def run(cfg: RunConfig, source: str):
     return results, per_token
 
 
-def _store_divergence(arrays: TokenArrays, start: int, td) -> None:
-    sl = slice(start, start + len(td.kl))
-    arrays.kl[sl] = td.kl.cpu().numpy()
-    arrays.top1_agree[sl] = td.top1_agree.cpu().numpy()
-    arrays.p_ref[sl] = td.p_ref.cpu().numpy()
-    arrays.p_test[sl] = td.p_test.cpu().numpy()
-    arrays.max_abs_dlogit[sl] = td.max_abs_dlogit.cpu().numpy()
-    arrays.nll[sl] = td.test.nll.cpu().numpy()
-    arrays.argmax[sl] = td.test.argmax.cpu().numpy()
-    arrays.nonfinite[sl] = td.test.nonfinite.cpu().numpy()
+def _note_peak(arrays: TokenArrays, stats) -> None:
+    if stats.peak_memory_gib is not None:
+        arrays.timing["peak_memory_gib"] = max(arrays.timing.get("peak_memory_gib", 0.0), stats.peak_memory_gib)
+
+
+_TOKEN_FIELDS = {"nll": torch.float64, "argmax": torch.int64, "nonfinite": torch.int64}
+_DIVERGENCE_FIELDS = {"kl": torch.float64, "top1_agree": torch.bool, "p_ref": torch.float64,
+                      "p_test": torch.float64, "max_abs_dlogit": torch.float32}
+
+
+def _staging(n: int, device: torch.device, divergence: bool) -> dict[str, torch.Tensor]:
+    """Per-token results stay on the device during a pass: no host sync per chunk."""
+    fields = {**_TOKEN_FIELDS, **(_DIVERGENCE_FIELDS if divergence else {})}
+    return {k: torch.empty(n, dtype=dt, device=device) for k, dt in fields.items()}
+
+
+def _stage(staged: dict[str, torch.Tensor], pos: int, result) -> None:
+    own = getattr(result, "test", result)  # TokenDivergence carries the test's own NLL in .test
+    for k in _TOKEN_FIELDS:
+        value = getattr(own, k)
+        staged[k][pos : pos + len(value)] = value
+    for k in _DIVERGENCE_FIELDS:
+        if k in staged:
+            value = getattr(result, k)
+            staged[k][pos : pos + len(value)] = value
+
+
+def _flush(staged: dict[str, torch.Tensor], arrays: TokenArrays, offset: int) -> None:
+    for k, t in staged.items():
+        getattr(arrays, k)[offset : offset + len(t)] = t.cpu().numpy()
 
 
 def _noise_pass(cfg: RunConfig, scorer: Scorer, seg_windows, buffer, batch: int, targets) -> TokenArrays | None:
@@ -217,11 +246,13 @@ def _noise_pass(cfg: RunConfig, scorer: Scorer, seg_windows, buffer, batch: int,
         count += len(w) - 1
     noise_batch = batch // 2 if batch > 1 else 2
     noise = TokenArrays.empty(count, divergence=True)
+    staged = _staging(count, scorer.device, divergence=True)
 
     def compare(pos: int, logits: torch.Tensor, tgt: torch.Tensor) -> None:
-        _store_divergence(noise, pos, token_divergence(buffer[pos : pos + len(tgt)], logits, tgt))
+        _stage(staged, pos, token_divergence(buffer[pos : pos + len(tgt)], logits, tgt))
 
     stats = run_pass(scorer, chosen, noise_batch, compare, "noise floor (reference again)", cfg.progress)
+    _flush(staged, noise, 0)
     noise.timing["pass_s"] = stats.seconds
     noise.batch_size = stats.batch_size
     return noise

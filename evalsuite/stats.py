@@ -16,6 +16,11 @@ import numpy as np
 LN2 = math.log(2.0)
 
 
+def _exp(x: float) -> float:
+    """exp that saturates to inf (a model can be bad enough to overflow a perplexity)."""
+    return math.exp(x) if x < 709.0 else math.inf
+
+
 def _mean_se(x: np.ndarray) -> tuple[float, float]:
     x = np.asarray(x, dtype=np.float64)
     if x.size == 0:
@@ -40,7 +45,7 @@ def perplexity(nll: np.ndarray, n_bytes: int) -> PerplexityResult:
     """Token perplexity and bits per UTF-8 byte from per-token NLL (nats)."""
     nll = np.asarray(nll, dtype=np.float64)
     mean, se = _mean_se(nll)
-    ppl = math.exp(mean) if nll.size else math.nan
+    ppl = _exp(mean) if nll.size else math.nan
     bpb = float(nll.sum() / LN2 / n_bytes) if n_bytes > 0 and nll.size else math.nan
     return PerplexityResult(ppl, ppl * se, mean, se, bpb, int(nll.size), int(n_bytes))
 
@@ -60,8 +65,8 @@ def paired_perplexity(nll_ref: np.ndarray, nll_test: np.ndarray) -> PairedPerple
     nll_ref = np.asarray(nll_ref, dtype=np.float64)
     d = np.asarray(nll_test, dtype=np.float64) - nll_ref
     m, se = _mean_se(d)
-    ratio = math.exp(m) if d.size else math.nan
-    ppl_ref = math.exp(float(nll_ref.mean())) if d.size else math.nan
+    ratio = _exp(m) if d.size else math.nan
+    ppl_ref = _exp(float(nll_ref.mean())) if d.size else math.nan
     return PairedPerplexity(ratio, ratio * se, ppl_ref * (ratio - 1.0), ppl_ref * ratio * se, m, se)
 
 
@@ -126,5 +131,6 @@ def kl_histogram(kl: np.ndarray, bins: int = 40) -> dict[str, list[float] | list
     if hi - lo < 1e-9:
         hi = lo + 1.0
     edges = np.logspace(lo, hi, bins + 1)
+    edges[0], edges[-1] = min(edges[0], positive.min()), max(edges[-1], positive.max())  # logspace rounding
     counts, _ = np.histogram(positive, bins=edges)
     return {"edges": edges.tolist(), "counts": counts.astype(int).tolist(), "n_zero": n_zero}

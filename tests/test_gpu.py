@@ -1,0 +1,80 @@
+"""GPU behaviour (skipped without CUDA): true-FP32 flags, and agreement with float64 on the card."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from evalsuite.precision import DTYPES, exact_fp32, unsupported_reason
+from evalsuite.runner import run
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+
+def _matmul_rel_err() -> float:
+    a = torch.randn(1024, 1024, device="cuda", dtype=torch.float64)
+    b = torch.randn(1024, 1024, device="cuda", dtype=torch.float64)
+    exact = a @ b
+    return float(((a.float() @ b.float()).double() - exact).norm() / exact.norm())
+
+
+def test_exact_fp32_turns_tf32_off_even_if_the_user_turned_it_on():
+    from evalsuite.precision import _NEW_API, numeric_flags
+
+    if _NEW_API:
+        torch.backends.cuda.matmul.fp32_precision = "tf32"
+    else:
+        torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        assert numeric_flags()["cuda_matmul_allow_tf32"] is True
+        assert _matmul_rel_err() > 1e-5  # TF32 really is on: ~1e-4..1e-3
+        with exact_fp32() as flags:
+            assert flags["cuda_matmul_allow_tf32"] is False and flags["cudnn_allow_tf32"] is False
+            assert flags["cuda_matmul_allow_fp16_reduced_precision_reduction"] is False
+            assert _matmul_rel_err() < 1e-6  # true FP32
+        assert numeric_flags()["cuda_matmul_allow_tf32"] is True  # restored afterwards
+    finally:
+        if _NEW_API:
+            torch.backends.cuda.matmul.fp32_precision = "ieee"
+        else:
+            torch.backends.cuda.matmul.allow_tf32 = False
+
+
+def test_bf16_supported_on_this_card():
+    assert unsupported_reason(DTYPES["bf16"], torch.device("cuda")) is None or torch.cuda.get_device_capability()[0] < 8
+
+
+def test_cuda_run_matches_all_in_memory_float64(tiny_llama, tmp_path):
+    from test_runner import _all_in_memory, _config
+
+    cfg = _config(tmp_path, device="cuda", dtypes=(DTYPES["fp16"],), batch_size=1)
+    results, per_token = run(cfg, str(tiny_llama))
+    expect = _all_in_memory(tiny_llama, cfg, torch.float16, device="cuda")
+    m = results.dtypes["fp16"].metrics
+    assert abs(m["kl_mean"] - expect["kl"].mean()) <= 1e-6
+    assert results.provenance["reference_flags"]["cuda_matmul_allow_tf32"] is False
+    assert results.provenance["device_name"] == torch.cuda.get_device_name(0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_fused_kernel_on_the_card_matches_float64(dtype):
+    import numpy as np
+
+    from evalsuite import kernels
+    from evalsuite.divergence import token_divergence
+
+    assert kernels.available(torch.device("cuda"))
+    c, v = 300, 151_936
+    ref = torch.randn(c, v, device="cuda") * 3 + 20
+    test = (ref + torch.randn(c, v, device="cuda") * 0.02).to(dtype)
+    test[7, 11] = float("inf")
+    tg = torch.randint(0, v, (c,), device="cuda")
+    td = token_divergence(ref, test, tg)
+    r, t = ref.double(), test.double()
+    lr, lt = torch.log_softmax(r, -1), torch.log_softmax(t, -1)
+    kl = (lr.exp() * (lr - lt)).sum(-1)
+    ok = torch.ones(c, dtype=torch.bool, device="cuda")
+    ok[7] = False
+    np.testing.assert_allclose(td.kl[ok].cpu().numpy(), kl[ok].cpu().numpy(), rtol=1e-9, atol=1e-13)
+    assert torch.isnan(td.kl[7]) and int(td.test.nonfinite[7]) == 1
+    assert torch.equal(td.top1_agree[ok], (r.argmax(-1) == t.argmax(-1))[ok])
