@@ -98,7 +98,8 @@ OnChunk = Callable[[int, torch.Tensor, torch.Tensor], None]  # (flat token offse
 
 
 def run_pass(scorer: Scorer, windows: list[np.ndarray], batch_size: int, on_chunk: OnChunk,
-             desc: str, progress: bool = True) -> PassStats:
+             desc: str, progress: bool = True,
+             on_batch: Callable[[int, torch.Tensor], None] | None = None) -> PassStats:
     """Feed `windows` through the model in batches of equal-length windows (no padding).
 
     On CUDA out-of-memory the batch size halves and the batch is redone (on_chunk writes to
@@ -120,6 +121,8 @@ def run_pass(scorer: Scorer, windows: list[np.ndarray], batch_size: int, on_chun
         while j < len(windows) and j - i < batch_size and len(windows[j]) == length:
             j += 1
         ids = torch.from_numpy(np.stack(windows[i:j])).to(device, non_blocking=True)  # (b, T+1)
+        if on_batch is not None:
+            on_batch(offset, ids)
         try:
             for start, logits, targets in scorer.chunks(ids):
                 on_chunk(offset + start, logits, targets)

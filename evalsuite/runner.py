@@ -88,8 +88,36 @@ def _load(cfg: RunConfig, source: str, precision: Precision, device: torch.devic
     return model, time.perf_counter() - t0
 
 
-def run(cfg: RunConfig, source: str):
-    """Evaluate `source` per `cfg`; return (`RunResults`, per-token arrays by name)."""
+@dataclass(frozen=True)
+class PassContext:
+    """What an observer sees of one pass: the loaded model and where its tokens sit."""
+
+    precision: Precision
+    role: str  # "reference" or "test"
+    model: torch.nn.Module
+    tokenizer: object
+    device: torch.device
+    cfg: RunConfig
+    windows: object  # corpus.TokenWindows of the whole run
+    segment: int  # index of this segment; observers that need one pass per dtype act on segment 0
+    segment_windows: tuple[int, int, int]  # (first window, last window + 1, flat token offset)
+    batch_size: int
+
+
+def _notify(observers, method: str, *args):
+    for obs in observers:
+        fn = getattr(obs, method, None)
+        if fn is not None:
+            fn(*args)
+
+
+def run(cfg: RunConfig, source: str, observers: tuple = ()):
+    """Evaluate `source` per `cfg`; return (`RunResults`, per-token arrays by name).
+
+    `observers` are plain objects with any of these methods (docs/extending.md), called with the
+    model resident: pass_started(ctx), batch_started(offset, ids (B, T+1)), pass_finished(ctx),
+    and finish(metrics by dtype) -> (metric additions by dtype, extra result sections).
+    """
     torch.manual_seed(cfg.seed)
     device = resolve_device(cfg.device)
     check_model_source(source)
@@ -148,14 +176,20 @@ def run(cfg: RunConfig, source: str):
                 buffer[pos : pos + len(tgt)] = logits  # copy_ casts in place: no float32 temporary
                 _stage(staged, pos, reference_tokens(logits, tgt))
 
-            stats = run_pass(scorer, seg_windows, batch, keep_reference, f"{cfg.reference.name} (reference)", cfg.progress)
+            ctx = PassContext(cfg.reference, "reference", model, tokenizer, device, cfg, windows, seg_index,
+                              segments[seg_index], batch)
+            _notify(observers, "pass_started", ctx)
+            on_batch = (lambda off, ids: _notify(observers, "batch_started", offset + off, ids)) if observers else None
+            stats = run_pass(scorer, seg_windows, batch, keep_reference, f"{cfg.reference.name} (reference)",
+                             cfg.progress, on_batch)
             _flush(staged, ref, offset)
             ref.timing["pass_s"] += stats.seconds
             _note_peak(ref, stats)
             ref.batch_size = batch = stats.batch_size
+            _notify(observers, "pass_finished", ctx)
             if seg_index == 0:
                 noise = _noise_pass(cfg, scorer, seg_windows, buffer, batch, targets)
-        del scorer
+        del scorer, ctx
         unload(model)
         model = None
 
@@ -178,12 +212,16 @@ def run(cfg: RunConfig, source: str):
             def compare(pos: int, logits: torch.Tensor, tgt: torch.Tensor, staged=staged) -> None:
                 _stage(staged, pos, token_divergence(buffer[pos : pos + len(tgt)], logits, tgt))
 
-            stats = run_pass(scorer, seg_windows, batch, compare, p.name, cfg.progress)
+            ctx = PassContext(p, "test", model, tokenizer, device, cfg, windows, seg_index, segments[seg_index], batch)
+            _notify(observers, "pass_started", ctx)
+            on_batch = (lambda off, ids: _notify(observers, "batch_started", offset + off, ids)) if observers else None
+            stats = run_pass(scorer, seg_windows, batch, compare, p.name, cfg.progress, on_batch)
             _flush(staged, test, offset)
             test.timing["pass_s"] += stats.seconds
             _note_peak(test, stats)
             test.batch_size = stats.batch_size
-            del scorer
+            _notify(observers, "pass_finished", ctx)
+            del scorer, ctx
             unload(model)
             model = None
         del buffer
@@ -196,6 +234,14 @@ def run(cfg: RunConfig, source: str):
                 divergence_path="fused-triton-float64" if kernels.available(device) else "torch-float64")
     results = build_results(cfg, source, device, tokenizer, windows, corpus_identity, ref, noise, arrays,
                             skipped, failed, prov)
+    for obs in observers:
+        finish = getattr(obs, "finish", None)
+        if finish is not None:
+            additions, sections = finish({k: dict(v.metrics) for k, v in results.dtypes.items()})
+            for name, extra in additions.items():
+                if name in results.dtypes:
+                    results.dtypes[name].metrics.update(extra)
+            results.sections.update(sections)
     per_token = {"targets": targets, "target_bytes": windows.target_bytes,
                  f"{cfg.reference.name}/nll": ref.nll, f"{cfg.reference.name}/argmax": ref.argmax}
     for name, a in arrays.items():

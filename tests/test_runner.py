@@ -125,3 +125,40 @@ def test_fp16_overflow_is_a_finding_not_a_crash(tmp_path):
     assert results.dtypes["fp32"].status == "ok"
     # counts agree with the per-token record
     assert int(per_token["fp16/nonfinite"].sum()) == fp16.metrics["nonfinite_logits"]
+
+
+class _Recorder:
+    """An observer that records what it is shown, to test the runner's extension points."""
+
+    def __init__(self):
+        self.events, self.offsets = [], {}
+
+    def pass_started(self, ctx):
+        self.events.append(("start", ctx.precision.name, ctx.role, ctx.segment, str(next(ctx.model.parameters()).dtype)))
+        self.current = ctx.precision.name
+        self.offsets[self.current] = []
+
+    def batch_started(self, offset, ids):
+        self.offsets[self.current].append((offset, ids.shape[0] * (ids.shape[1] - 1)))
+
+    def pass_finished(self, ctx):
+        self.events.append(("end", ctx.precision.name))
+
+    def finish(self, metrics):
+        return {"fp16": {"recorded/kl_mean": metrics["fp16"]["kl_mean"]}}, {"recorder": {"n": len(self.events)}}
+
+
+def test_observers_see_every_pass_and_batch(tiny_llama, tmp_path):
+    rec = _Recorder()
+    results, _ = run(_config(tmp_path), str(tiny_llama), observers=(rec,))
+    assert rec.events == [("start", "fp32", "reference", 0, "torch.float32"), ("end", "fp32"),
+                          ("start", "fp16", "test", 0, "torch.float16"), ("end", "fp16"),
+                          ("start", "bf16", "test", 0, "torch.bfloat16"), ("end", "bf16")]
+    for name, batches in rec.offsets.items():  # the batches tile the corpus exactly, in order
+        covered = 0
+        for offset, n in batches:
+            assert offset == covered, name
+            covered += n
+        assert covered == results.corpus["n_tokens"]
+    assert results.dtypes["fp16"].metrics["recorded/kl_mean"] == results.dtypes["fp16"].metrics["kl_mean"]
+    assert results.sections["recorder"] == {"n": 6}
