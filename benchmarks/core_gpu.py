@@ -114,15 +114,15 @@ def main() -> None:
         report["plain_loop"].append(plain_loop(path, windows, dtype, batch=8))
     (args.out / "core_gpu.json").write_text(json.dumps(report, indent=2))
     print(f"device: {report['device']}  torch {report['torch']}")
-    for run in report["runs"]:
-        print(f"evalsuite run, {run['max_tokens']} tokens: wall {run['wall_s']:.1f} s, "
-              f"segments {run['provenance']['n_segments']}, batch {run['provenance']['batch_size']}")
-        for name, d in run["dtypes"].items():
+    for entry in report["runs"]:
+        print(f"evalsuite run, {entry['max_tokens']} tokens: wall {entry['wall_s']:.1f} s, "
+              f"segments {entry['provenance']['n_segments']}, batch {entry['provenance']['batch_size']}")
+        for name, d in entry["dtypes"].items():
             t = d["timing"]
             print(f"  {name}: {d['metrics'].get('tokens_per_s')} tok/s, load {t.get('load_s', 0):.1f} s, "
                   f"pass {t.get('pass_s', 0):.1f} s, peak {t.get('peak_memory_gib', 0):.2f} GiB, "
                   f"kl_mean {d['metrics'].get('kl_mean')}")
-        nf = run["noise_floor"]
+        nf = entry["noise_floor"]
         print(f"  noise floor: kl_mean {nf.get('kl_mean')} kl_max {nf.get('kl_max')} top1 {nf.get('top1_agreement')}")
     for p in report["plain_loop"]:
         print(f"plain loop {p['dtype']}: {p['tokens_per_s']:.0f} tok/s, peak {p['peak_memory_gib']:.2f} GiB")

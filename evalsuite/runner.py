@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass, field
+from functools import partial
 
 import numpy as np
 import torch
@@ -21,10 +22,12 @@ import torch
 from evalsuite import corpus as corpus_mod
 from evalsuite.config import RunConfig, resolve_device
 from evalsuite.divergence import reference_tokens, token_divergence
+from evalsuite.errors import EvalsuiteError, UsageError
 from evalsuite.forward import Scorer, auto_batch_size, run_pass
 from evalsuite.loading import check_model_source, load_model, load_tokenizer, stored_dtype, unload
 from evalsuite.precision import Precision, exact_fp32, numeric_flags, unsupported_reason
 from evalsuite.summary import build_results
+
 
 def say(message: str) -> None:
     import sys
@@ -139,8 +142,6 @@ def run(cfg: RunConfig, source: str, observers: tuple = ()):
             tests.append(p)
     ref_reason = unsupported_reason(cfg.reference, device)
     if ref_reason:
-        from evalsuite.errors import UsageError
-
         raise UsageError(f"reference {cfg.reference.name} cannot run here ({ref_reason}); use --reference fp32")
 
     ref = TokenArrays.empty(n, divergence=False)
@@ -165,28 +166,16 @@ def run(cfg: RunConfig, source: str, observers: tuple = ()):
                             attn_implementation=getattr(model.config, "_attn_implementation", None))
                 if len(segments) > 1:
                     say(f"reference logits kept in {len(segments)} segments of <= {buffer_tokens} tokens")
-            first, last, offset = segments[seg_index]
+            first, last, _ = segments[seg_index]
             seg_windows = windows.windows[first:last]
             seg_tokens = sum(len(w) - 1 for w in seg_windows)
             buffer = torch.empty((seg_tokens, scorer.vocab_size), dtype=torch.float32, device=device)
 
-            staged = _staging(seg_tokens, device, divergence=False)
-
-            def keep_reference(pos: int, logits: torch.Tensor, tgt: torch.Tensor) -> None:
-                buffer[pos : pos + len(tgt)] = logits  # copy_ casts in place: no float32 temporary
-                _stage(staged, pos, reference_tokens(logits, tgt))
-
             ctx = PassContext(cfg.reference, "reference", model, tokenizer, device, cfg, windows, seg_index,
                               segments[seg_index], batch)
-            _notify(observers, "pass_started", ctx)
-            on_batch = (lambda off, ids: _notify(observers, "batch_started", offset + off, ids)) if observers else None
-            stats = run_pass(scorer, seg_windows, batch, keep_reference, f"{cfg.reference.name} (reference)",
-                             cfg.progress, on_batch)
-            _flush(staged, ref, offset)
-            ref.timing["pass_s"] += stats.seconds
-            _note_peak(ref, stats)
-            ref.batch_size = batch = stats.batch_size
-            _notify(observers, "pass_finished", ctx)
+            staged = _staging(seg_tokens, device, divergence=False)
+            batch = _timed_pass(ctx, scorer, seg_windows, partial(_keep_reference, buffer, staged), staged, ref,
+                                observers, f"{cfg.reference.name} (reference)")
             if seg_index == 0:
                 noise = _noise_pass(cfg, scorer, seg_windows, buffer, batch, targets)
         del scorer, ctx
@@ -207,21 +196,14 @@ def run(cfg: RunConfig, source: str, observers: tuple = ()):
             prov.setdefault("test_flags", numeric_flags())
             scorer = Scorer(model, device)
 
-            staged = _staging(seg_tokens, device, divergence=True)
-
-            def compare(pos: int, logits: torch.Tensor, tgt: torch.Tensor, staged=staged) -> None:
-                _stage(staged, pos, token_divergence(buffer[pos : pos + len(tgt)], logits, tgt))
-
             ctx = PassContext(p, "test", model, tokenizer, device, cfg, windows, seg_index, segments[seg_index], batch)
-            _notify(observers, "pass_started", ctx)
-            on_batch = (lambda off, ids: _notify(observers, "batch_started", offset + off, ids)) if observers else None
-            stats = run_pass(scorer, seg_windows, batch, compare, p.name, cfg.progress, on_batch)
-            _flush(staged, test, offset)
-            test.timing["pass_s"] += stats.seconds
-            _note_peak(test, stats)
-            test.batch_size = stats.batch_size
-            _notify(observers, "pass_finished", ctx)
-            del scorer, ctx
+            staged = _staging(seg_tokens, device, divergence=True)
+            try:
+                _timed_pass(ctx, scorer, seg_windows, partial(_compare, buffer, staged), staged, test, observers, p.name)
+            except EvalsuiteError as exc:  # e.g. out of memory even at batch size 1: the others go on
+                failed[p.name] = str(exc)
+                say(f"{p.name} failed: {exc}; the other dtypes go on")
+            del scorer, ctx, staged
             unload(model)
             model = None
         del buffer
@@ -248,6 +230,34 @@ def run(cfg: RunConfig, source: str, observers: tuple = ()):
         per_token.update({f"{name}/nll": a.nll, f"{name}/kl": a.kl, f"{name}/argmax": a.argmax,
                           f"{name}/nonfinite": a.nonfinite})
     return results, per_token
+
+
+def _keep_reference(buffer, staged, pos: int, logits: torch.Tensor, tgt: torch.Tensor) -> None:
+    buffer[pos : pos + len(tgt)] = logits  # copy_ casts in place: no float32 temporary
+    _stage(staged, pos, reference_tokens(logits, tgt))
+
+
+def _compare(buffer, staged, pos: int, logits: torch.Tensor, tgt: torch.Tensor) -> None:
+    _stage(staged, pos, token_divergence(buffer[pos : pos + len(tgt)], logits, tgt))
+
+
+def _timed_pass(ctx: PassContext, scorer: Scorer, seg_windows, on_chunk, staged, arrays: TokenArrays,
+                observers, desc: str) -> int:
+    """One dtype over one segment, with the observers told; returns the batch size that fit."""
+    offset = ctx.segment_windows[2]
+    _notify(observers, "pass_started", ctx)
+    on_batch = partial(_notify_batch, observers, offset) if observers else None
+    stats = run_pass(scorer, seg_windows, ctx.batch_size, on_chunk, desc, ctx.cfg.progress, on_batch)
+    _flush(staged, arrays, offset)
+    arrays.timing["pass_s"] += stats.seconds
+    _note_peak(arrays, stats)
+    arrays.batch_size = stats.batch_size
+    _notify(observers, "pass_finished", ctx)
+    return stats.batch_size
+
+
+def _notify_batch(observers, offset: int, pos: int, ids: torch.Tensor) -> None:
+    _notify(observers, "batch_started", offset + pos, ids)
 
 
 def _note_peak(arrays: TokenArrays, stats) -> None:

@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from tiny import build_model
 from transformers import AutoModelForCausalLM
 
 from evalsuite import corpus
@@ -15,7 +16,6 @@ from evalsuite.corpus import CorpusSpec
 from evalsuite.loading import load_tokenizer
 from evalsuite.precision import DTYPES
 from evalsuite.runner import run
-from tiny import build_model
 
 
 def _config(tmp_path, **kw) -> RunConfig:
