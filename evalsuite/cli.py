@@ -32,6 +32,14 @@ def _positive_int_or_auto(text: str) -> int | None:
     return value
 
 
+def _count_or_fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of questions or a fraction, got {text!r}") from None
+    return int(value) if value.is_integer() else value
+
+
 def _add_gate_args(parser: argparse.ArgumentParser, required: bool) -> None:
     parser.add_argument("--gate", required=required, metavar="FILE",
                         help="gates TOML file, a pyproject.toml with [tool.evalsuite.gates], or 'default' "
@@ -69,6 +77,26 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--attn-implementation", default=None, help="e.g. sdpa, eager (default: transformers')")
     run.add_argument("--trust-remote-code", action="store_true", help="allow code from the checkpoint (off by default)")
     run.add_argument("--no-progress", action="store_true", help="no progress bars")
+    run.add_argument("--fresh", action="store_true",
+                     help="discard an unfinished run in --out instead of resuming it")
+    run.add_argument("--no-resume", action="store_true",
+                     help="keep no resume state (saves disk: the reference's logits are not written)")
+    run.add_argument("--no-numerics", action="store_true",
+                     help="skip the numerics diagnostics: weight conversion, activation headroom, first inf/NaN, "
+                          "layer-wise error, verdict (docs/numerics.md)")
+    run.add_argument("--headroom-margin-bits", type=float, default=1.0,
+                     help="flag modules whose reference activations come within this many bits of a dtype's "
+                          "largest finite value (default 1.0)")
+    run.add_argument("--tasks", default="zh_mc",  # = benchmarks.DEFAULT_TASKS (not imported: `report` needs no numpy)
+                     help="comma-separated lm-eval multiple-choice tasks or groups scored at each dtype (e.g. zh_mc, "
+                          "cmmlu_local, cmmlu, ceval-valid), or 'none' (default: evalsuite's own zh_mc, offline)")
+    run.add_argument("--num-fewshot", type=int, default=None, help="few-shot examples per question (default: task's)")
+    run.add_argument("--limit", type=_count_or_fraction, default=None,
+                     help="score at most this many questions per task/subject (or a fraction below 1)")
+    run.add_argument("--cmmlu-dir", type=Path, default=None,
+                     help="local CMMLU (dev/, test/ CSVs) for cmmlu_local (default: $EVALSUITE_CMMLU_DIR)")
+    run.add_argument("--ceval-dir", type=Path, default=None,
+                     help="local C-Eval (dev/, val/ CSVs) for ceval-valid_local (default: $EVALSUITE_CEVAL_DIR)")
     _add_gate_args(run, required=False)
 
     gate = sub.add_parser("gate", help="check a results.json against gates (no model needed); exit 1 if one fails")
@@ -87,6 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
 def config_from_args(args: argparse.Namespace):
     from evalsuite.config import RunConfig
     from evalsuite.corpus import CorpusSpec
+    from evalsuite.benchmarks import parse_tasks
     from evalsuite.precision import parse_dtype
 
     names = [d for d in args.dtypes.split(",") if d.strip()]
@@ -108,6 +137,13 @@ def config_from_args(args: argparse.Namespace):
         buffer_gib=args.buffer_gib,
         attn_implementation=args.attn_implementation,
         progress=not args.no_progress,
+        numerics=not args.no_numerics,
+        headroom_margin_bits=args.headroom_margin_bits,
+        tasks=parse_tasks(args.tasks),
+        num_fewshot=args.num_fewshot,
+        limit=args.limit,
+        cmmlu_dir=args.cmmlu_dir,
+        ceval_dir=args.ceval_dir,
     )
 
 
@@ -132,15 +168,30 @@ def cmd_run(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     gate_set = _load_gates(args, [p.name for p in (cfg.reference, *cfg.dtypes)])
     _check_writable(cfg.out_dir)
+    from evalsuite.benchmarks import prepare
+
+    bench_plan = prepare(cfg) if cfg.tasks else None  # a bad --tasks fails here, before any model loads
     source = cfg.model or str(demo_checkpoint())
-    results, per_token = run(cfg, source)
-    write_results(cfg.out_dir / "results.json", results)
+    observers = ()
+    if cfg.numerics:
+        from evalsuite.numerics import NumericsObserver
+
+        observers = (NumericsObserver(cfg, source),)
+    if bench_plan is not None:
+        from evalsuite.benchmarks import BenchmarkObserver
+
+        observers = (*observers, BenchmarkObserver(bench_plan, cfg))
     from evalsuite.report import render_report, write_report
 
-    write_report(cfg.out_dir / "report.html", render_report(results.to_dict()))
-    tmp = cfg.out_dir / ".per_token.tmp.npz"
-    np.savez_compressed(tmp, **per_token)
-    tmp.replace(cfg.out_dir / "per_token.npz")
+    def write_outputs(results, per_token) -> None:  # before the resume state is discarded
+        write_results(cfg.out_dir / "results.json", results)
+        write_report(cfg.out_dir / "report.html", render_report(results.to_dict()))
+        tmp = cfg.out_dir / ".per_token.tmp.npz"
+        np.savez_compressed(tmp, **per_token)
+        tmp.replace(cfg.out_dir / "per_token.npz")
+
+    results, per_token = run(cfg, source, observers=observers, resume=not args.no_resume, fresh=args.fresh,
+                             write_outputs=write_outputs)
     print(format_table(results.to_dict()))
     say(f"results written to {cfg.out_dir / 'results.json'}")
     if gate_set is None:

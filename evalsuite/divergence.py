@@ -58,18 +58,23 @@ def token_divergence(ref_logits: torch.Tensor, test_logits: torch.Tensor, target
         return _fused_divergence(ref_logits, test_logits, targets)
     ref = ref_logits.double()  # (C, V)
     test = test_logits.double()  # (C, V)
-    test_tokens = reference_tokens(test, targets)
-    lp_ref = torch.log_softmax(ref, dim=-1)  # (C, V)
+    argmax_ref, argmax_test = ref.argmax(dim=-1), test.argmax(dim=-1)
+    nonfinite = (~torch.isfinite(test)).sum(dim=-1)
+    dlogit = torch.sub(test, ref).abs_().amax(dim=-1).float()  # (C,)
+    lp_ref = torch.log_softmax(ref, dim=-1)  # (C, V); ref no longer needed
+    del ref
     lp_test = torch.log_softmax(test, dim=-1)  # (C, V)
-    kl = (lp_ref.exp() * (lp_ref - lp_test)).sum(dim=-1)  # (C,)
+    del test
     p_ref = lp_ref.gather(1, targets[:, None]).squeeze(1).exp()
-    p_test = lp_test.gather(1, targets[:, None]).squeeze(1).exp()
-    dlogit = (test - ref).abs().amax(dim=-1).float()  # (C,)
-    bad = test_tokens.nonfinite > 0
-    nan = torch.tensor(float("nan"), device=ref.device, dtype=torch.float64)
+    lp_test_target = lp_test.gather(1, targets[:, None]).squeeze(1)
+    kl = (lp_ref.exp() * lp_ref.sub_(lp_test)).sum(dim=-1)  # (C,); in place: one (C, V) buffer fewer
+    test_tokens = ReferenceTokens(nll=-lp_test_target, argmax=argmax_test, nonfinite=nonfinite)
+    p_test = lp_test_target.exp()
+    bad = nonfinite > 0
+    nan = torch.tensor(float("nan"), device=kl.device, dtype=torch.float64)
     return TokenDivergence(
         kl=torch.where(bad, nan, kl),
-        top1_agree=(test_tokens.argmax == ref.argmax(dim=-1)) & ~bad,
+        top1_agree=(argmax_test == argmax_ref) & ~bad,
         p_ref=p_ref,
         p_test=torch.where(bad, nan, p_test),
         max_abs_dlogit=torch.where(bad, nan.float(), dlogit),

@@ -97,7 +97,7 @@ def available(device: torch.device) -> bool:
     return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def fused_rows(ref: torch.Tensor, test: torch.Tensor, block: int = 2048) -> torch.Tensor:
+def fused_rows(ref: torch.Tensor, test: torch.Tensor, block: int = 2048, num_warps: int = 4) -> torch.Tensor:
     """ref (C, V) float32, test (C, V) any float, unit stride along V -> (C, 8) float64.
 
     Columns: KL(ref||test), lse_ref, lse_test, max |test - ref|, argmax_ref, argmax_test,
@@ -111,5 +111,5 @@ def fused_rows(ref: torch.Tensor, test: torch.Tensor, block: int = 2048) -> torc
     c, v = ref.shape
     out = torch.empty((c, N_OUT), dtype=torch.float64, device=ref.device)
     if c:
-        _rows_kernel[(c,)](ref, test, out, v, ref.stride(0), test.stride(0), BLOCK=block, num_warps=8)
+        _rows_kernel[(c,)](ref, test, out, v, ref.stride(0), test.stride(0), BLOCK=block, num_warps=num_warps)
     return out

@@ -7,57 +7,45 @@ against the buffer. A corpus larger than one buffer is processed segment by segm
 model loaded once per segment). The stored logits are the reference's exact float32 values,
 so the comparison is identical to holding both models at once (tests/test_runner.py measures
 this against an all-in-memory float64 computation).
+
+Every finished pass is saved in `<out>/.state` (state.py), so a killed run resumes without
+recomputing the reference or the dtypes it had finished.
 """
 
 from __future__ import annotations
 
 import os
+import signal
+import sys
 import time
-from dataclasses import dataclass, field
 from functools import partial
 
 import numpy as np
 import torch
 
+import evalsuite
 from evalsuite import corpus as corpus_mod
+from evalsuite import kernels
 from evalsuite.config import RunConfig, resolve_device
-from evalsuite.divergence import reference_tokens, token_divergence
 from evalsuite.errors import EvalsuiteError, UsageError
-from evalsuite.forward import Scorer, auto_batch_size, run_pass
+from evalsuite.forward import Scorer, auto_batch_size
 from evalsuite.loading import check_model_source, load_model, load_tokenizer, stored_dtype, unload
+from evalsuite.passes import (
+    PassContext,
+    TokenArrays,
+    compare,
+    keep_reference,
+    noise_pass,
+    staging,
+    timed_pass,
+)
 from evalsuite.precision import Precision, exact_fp32, numeric_flags, unsupported_reason
+from evalsuite.state import RunState, model_signature
 from evalsuite.summary import build_results
 
 
 def say(message: str) -> None:
-    import sys
-
     print(f"evalsuite: {message}", file=sys.stderr, flush=True)
-
-
-@dataclass
-class TokenArrays:
-    """Per-token results of one dtype, over the whole corpus (N tokens)."""
-
-    nll: np.ndarray
-    argmax: np.ndarray
-    nonfinite: np.ndarray
-    kl: np.ndarray | None = None  # test dtypes (and the noise floor) only
-    top1_agree: np.ndarray | None = None
-    p_ref: np.ndarray | None = None
-    p_test: np.ndarray | None = None
-    max_abs_dlogit: np.ndarray | None = None
-    timing: dict[str, float] = field(default_factory=lambda: {"load_s": 0.0, "pass_s": 0.0})
-    batch_size: int = 0
-
-    @classmethod
-    def empty(cls, n: int, divergence: bool) -> TokenArrays:
-        nan = np.full(n, np.nan)
-        arrays = cls(nll=nan.copy(), argmax=np.zeros(n, np.int64), nonfinite=np.zeros(n, np.int64))
-        if divergence:
-            arrays.kl, arrays.p_ref, arrays.p_test, arrays.max_abs_dlogit = (nan.copy() for _ in range(4))
-            arrays.top1_agree = np.zeros(n, bool)
-        return arrays
 
 
 def _segments(windows: list[np.ndarray], max_tokens: int) -> list[tuple[int, int, int]]:
@@ -91,35 +79,33 @@ def _load(cfg: RunConfig, source: str, precision: Precision, device: torch.devic
     return model, time.perf_counter() - t0
 
 
-@dataclass(frozen=True)
-class PassContext:
-    """What an observer sees of one pass: the loaded model and where its tokens sit."""
-
-    precision: Precision
-    role: str  # "reference" or "test"
-    model: torch.nn.Module
-    tokenizer: object
-    device: torch.device
-    cfg: RunConfig
-    windows: object  # corpus.TokenWindows of the whole run
-    segment: int  # index of this segment; observers that need one pass per dtype act on segment 0
-    segment_windows: tuple[int, int, int]  # (first window, last window + 1, flat token offset)
-    batch_size: int
+def _fault(name: str) -> None:
+    """Fault injection for the interruption tests: EVALSUITE_FAULT=kill-after:<pass name>."""
+    if os.environ.get("EVALSUITE_FAULT") == f"kill-after:{name}":
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
-def _notify(observers, method: str, *args):
-    for obs in observers:
-        fn = getattr(obs, method, None)
-        if fn is not None:
-            fn(*args)
+def _state_fields(cfg: RunConfig, source: str, device: torch.device, corpus_identity: dict) -> dict:
+    """What must match for saved passes to be reused: anything that changes a number."""
+    return {"evalsuite": evalsuite.__version__, "torch": torch.__version__, "model": source,
+            "model_files": model_signature(source), "corpus_sha256": corpus_identity["sha256"],
+            "seq_len": cfg.seq_len, "max_tokens": cfg.max_tokens, "reference": cfg.reference.name,
+            "batch_size": cfg.batch_size, "noise_tokens": cfg.noise_tokens, "buffer_gib": cfg.buffer_gib,
+            "attn": cfg.attn_implementation, "device": str(device)}
 
 
-def run(cfg: RunConfig, source: str, observers: tuple = ()):
+def run(cfg: RunConfig, source: str, observers: tuple = (), resume: bool = False, fresh: bool = False,
+        write_outputs=None):
     """Evaluate `source` per `cfg`; return (`RunResults`, per-token arrays by name).
+
+    With `resume`, finished passes are kept in `<cfg.out_dir>/.state` and reused by a rerun
+    (`fresh` discards them first); `write_outputs(results, per_token)` is then called before the
+    state is removed, so a kill at any moment leaves either the state or the results.
 
     `observers` are plain objects with any of these methods (docs/extending.md), called with the
     model resident: pass_started(ctx), batch_started(offset, ids (B, T+1)), pass_finished(ctx),
-    and finish(metrics by dtype) -> (metric additions by dtype, extra result sections).
+    and finish(metrics by dtype) -> (metric additions by dtype, extra result sections); for
+    resume, snapshot(ctx) -> JSON-able and restore(ctx_without_model, snapshot).
     """
     torch.manual_seed(cfg.seed)
     device = resolve_device(cfg.device)
@@ -128,7 +114,6 @@ def run(cfg: RunConfig, source: str, observers: tuple = ()):
     texts, corpus_identity = corpus_mod.load_texts(cfg.corpus)
     windows = corpus_mod.tokenize(texts, tokenizer, cfg.seq_len, cfg.max_tokens)
     n = windows.n_tokens
-    targets = windows.targets
     say(f"{n} tokens in {len(windows.windows)} windows of up to {cfg.seq_len} ({windows.context} context)")
 
     tests: list[Precision] = []
@@ -144,78 +129,17 @@ def run(cfg: RunConfig, source: str, observers: tuple = ()):
     if ref_reason:
         raise UsageError(f"reference {cfg.reference.name} cannot run here ({ref_reason}); use --reference fp32")
 
-    ref = TokenArrays.empty(n, divergence=False)
-    arrays = {p.name: TokenArrays.empty(n, divergence=True) for p in tests}
-    failed: dict[str, str] = {}
-    noise: TokenArrays | None = None
-    prov: dict[str, object] = {}
-    batch = cfg.batch_size or auto_batch_size(device, cfg.seq_len)
-    segments: list[tuple[int, int, int]] | None = None
-    seg_index = 0
-    while segments is None or seg_index < len(segments):
-        model, load_s = _load(cfg, source, cfg.reference, device)
-        ref.timing["load_s"] += load_s
-        with exact_fp32() as ref_flags:
-            scorer = Scorer(model, device)
-            if segments is None:
-                buffer_tokens = _buffer_tokens(cfg, device, scorer.vocab_size, n)
-                segments = _segments(windows.windows, buffer_tokens)
-                prov.update(reference_flags=ref_flags, logits_path=scorer.logits_path,
-                            chunk_tokens=scorer.chunk_tokens, buffer_tokens=buffer_tokens,
-                            n_segments=len(segments),
-                            attn_implementation=getattr(model.config, "_attn_implementation", None))
-                if len(segments) > 1:
-                    say(f"reference logits kept in {len(segments)} segments of <= {buffer_tokens} tokens")
-            first, last, _ = segments[seg_index]
-            seg_windows = windows.windows[first:last]
-            seg_tokens = sum(len(w) - 1 for w in seg_windows)
-            buffer = torch.empty((seg_tokens, scorer.vocab_size), dtype=torch.float32, device=device)
+    state = RunState(cfg.out_dir, _state_fields(cfg, source, device, corpus_identity), enabled=resume, fresh=fresh)
+    loop = _Loop(cfg, source, device, tokenizer, windows, tests, observers, state)
+    loop.run_all()
+    if loop.resumed:
+        say(f"resumed: reused the saved {', '.join(sorted(loop.resumed))} passes from {state.root}")
 
-            ctx = PassContext(cfg.reference, "reference", model, tokenizer, device, cfg, windows, seg_index,
-                              segments[seg_index], batch)
-            staged = _staging(seg_tokens, device, divergence=False)
-            batch = _timed_pass(ctx, scorer, seg_windows, partial(_keep_reference, buffer, staged), staged, ref,
-                                observers, f"{cfg.reference.name} (reference)")
-            if seg_index == 0:
-                noise = _noise_pass(cfg, scorer, seg_windows, buffer, batch, targets)
-        del scorer, ctx
-        unload(model)
-        model = None
-
-        for p in tests:
-            if p.name in failed:
-                continue
-            test = arrays[p.name]
-            try:
-                model, load_s = _load(cfg, source, p, device)
-            except Exception as exc:
-                failed[p.name] = str(exc)
-                say(f"{p.name} failed: {exc}; the other dtypes go on")
-                continue
-            test.timing["load_s"] += load_s
-            prov.setdefault("test_flags", numeric_flags())
-            scorer = Scorer(model, device)
-
-            ctx = PassContext(p, "test", model, tokenizer, device, cfg, windows, seg_index, segments[seg_index], batch)
-            staged = _staging(seg_tokens, device, divergence=True)
-            try:
-                _timed_pass(ctx, scorer, seg_windows, partial(_compare, buffer, staged), staged, test, observers, p.name)
-            except EvalsuiteError as exc:  # e.g. out of memory even at batch size 1: the others go on
-                failed[p.name] = str(exc)
-                say(f"{p.name} failed: {exc}; the other dtypes go on")
-            del scorer, ctx, staged
-            unload(model)
-            model = None
-        del buffer
-        unload(None)
-        seg_index += 1
-
-    from evalsuite import kernels
-
-    prov.update(batch_size=batch, device=str(device), stored_dtype=stored_dtype(source),
-                divergence_path="fused-triton-float64" if kernels.available(device) else "torch-float64")
-    results = build_results(cfg, source, device, tokenizer, windows, corpus_identity, ref, noise, arrays,
-                            skipped, failed, prov)
+    prov = {**loop.prov, "batch_size": loop.batch, "device": str(device), "stored_dtype": stored_dtype(source),
+            "divergence_path": "fused-triton-float64" if kernels.available(device) else "torch-float64",
+            "resumed_passes": sorted(loop.resumed)}
+    results = build_results(cfg, source, device, tokenizer, windows, corpus_identity, loop.ref, loop.noise,
+                            loop.arrays, skipped, loop.failed, prov)
     for obs in observers:
         finish = getattr(obs, "finish", None)
         if finish is not None:
@@ -224,91 +148,153 @@ def run(cfg: RunConfig, source: str, observers: tuple = ()):
                 if name in results.dtypes:
                     results.dtypes[name].metrics.update(extra)
             results.sections.update(sections)
-    per_token = {"targets": targets, "target_bytes": windows.target_bytes,
-                 f"{cfg.reference.name}/nll": ref.nll, f"{cfg.reference.name}/argmax": ref.argmax}
-    for name, a in arrays.items():
+    per_token = {"targets": windows.targets, "target_bytes": windows.target_bytes,
+                 f"{cfg.reference.name}/nll": loop.ref.nll, f"{cfg.reference.name}/argmax": loop.ref.argmax}
+    for name, a in loop.arrays.items():
         per_token.update({f"{name}/nll": a.nll, f"{name}/kl": a.kl, f"{name}/argmax": a.argmax,
                           f"{name}/nonfinite": a.nonfinite})
+    if write_outputs is not None:
+        write_outputs(results, per_token)
+    if not loop.failed:  # a failed dtype keeps the state, so a rerun retries only that dtype
+        state.finish()
     return results, per_token
 
 
-def _keep_reference(buffer, staged, pos: int, logits: torch.Tensor, tgt: torch.Tensor) -> None:
-    buffer[pos : pos + len(tgt)] = logits  # copy_ casts in place: no float32 temporary
-    _stage(staged, pos, reference_tokens(logits, tgt))
+class _Loop:
+    """The segment loop's state in one place (it spans several passes and a resume)."""
+
+    def __init__(self, cfg, source, device, tokenizer, windows, tests, observers, state: RunState):
+        self.cfg, self.source, self.device, self.tokenizer = cfg, source, device, tokenizer
+        self.windows, self.tests, self.observers, self.state = windows, tests, observers, state
+        n = windows.n_tokens
+        self.ref = TokenArrays.empty(n, divergence=False)
+        self.arrays = {p.name: TokenArrays.empty(n, divergence=True) for p in tests}
+        self.failed: dict[str, str] = {}
+        self.noise: TokenArrays | None = None
+        self.prov: dict[str, object] = {}
+        self.batch = cfg.batch_size or auto_batch_size(device, cfg.seq_len)
+        self.segments: list[tuple[int, int, int]] | None = None
+        self.resumed: set[str] = set()  # dtypes whose saved passes were reused
+        plan = state.plan()
+        if plan is not None:
+            self.segments = [tuple(s) for s in plan["segments"]]
+            self.batch = plan["batch"]
+            self.prov.update(plan["prov"])
+
+    def _ctx(self, p: Precision, role: str, model, seg: int) -> PassContext:
+        return PassContext(p, role, model, self.tokenizer, self.device, self.cfg, self.windows, seg,
+                           self.segments[seg], self.batch)
+
+    def _restore(self, seg: int, name: str, arrays: TokenArrays, p: Precision, role: str) -> None:
+        saved, meta = self.state.load(seg, name)
+        self.resumed.add(p.name)
+        offset = self.segments[seg][2]
+        arrays.restore(offset, {k: v for k, v in saved.items() if not k.startswith("noise/")},
+                       meta["timing"], meta["batch_size"])
+        if role == "reference" and seg == 0 and "noise/kl" in saved:
+            noise = {k[6:]: v for k, v in saved.items() if k.startswith("noise/")}
+            self.noise = TokenArrays.empty(len(noise["kl"]), divergence=True)
+            self.noise.restore(0, noise, meta["noise_timing"], meta["noise_batch_size"])
+        ctx = self._ctx(p, role, None, seg)
+        for obs, snap in zip(self.observers, meta.get("observers", []), strict=False):
+            if snap is not None and hasattr(obs, "restore"):
+                obs.restore(ctx, snap)
+
+    def _snapshots(self, ctx: PassContext) -> list:
+        return [obs.snapshot(ctx) if hasattr(obs, "snapshot") else None for obs in self.observers]
+
+    def run_all(self) -> None:
+        seg = 0
+        while self.segments is None or seg < len(self.segments):
+            todo = [p for p in self.tests if p.name not in self.failed and not self.state.has(seg, p.name)]
+            buffer = self._reference(seg, need_logits=bool(todo))
+            for p in self.tests:
+                if p not in todo and p.name not in self.failed:
+                    self._restore(seg, p.name, self.arrays[p.name], p, "test")
+            for p in todo:
+                self._test(seg, p, buffer)
+            del buffer
+            unload(None)
+            if all(self.state.has(seg, p.name) for p in self.tests):
+                self.state.drop_logits(seg)
+            seg += 1
+
+    def _reference(self, seg: int, need_logits: bool) -> torch.Tensor | None:
+        cfg, ref_name = self.cfg, self.cfg.reference.name
+        if self.segments is not None and self.state.has(seg, "reference"):
+            self._restore(seg, "reference", self.ref, cfg.reference, "reference")
+            return self.state.load_logits(seg, self.device) if need_logits else None
+        model, load_s = _load(cfg, self.source, cfg.reference, self.device)
+        self.ref.timing["load_s"] += load_s
+        with exact_fp32() as ref_flags:
+            scorer = Scorer(model, self.device)
+            if self.segments is None:
+                buffer_tokens = _buffer_tokens(cfg, self.device, scorer.vocab_size, self.windows.n_tokens)
+                self.segments = _segments(self.windows.windows, buffer_tokens)
+                self.prov.update(reference_flags=ref_flags, logits_path=scorer.logits_path,
+                                 chunk_tokens=scorer.chunk_tokens, buffer_tokens=buffer_tokens,
+                                 n_segments=len(self.segments),
+                                 attn_implementation=getattr(model.config, "_attn_implementation", None))
+                if len(self.segments) > 1:
+                    say(f"reference logits kept in {len(self.segments)} segments of <= {buffer_tokens} tokens")
+            first, last, offset = self.segments[seg]
+            seg_windows = self.windows.windows[first:last]
+            seg_tokens = sum(len(w) - 1 for w in seg_windows)
+            buffer = torch.empty((seg_tokens, scorer.vocab_size), dtype=torch.float32, device=self.device)
+            ctx = self._ctx(cfg.reference, "reference", model, seg)
+            staged = staging(seg_tokens, self.device, divergence=False)
+            before = self.ref.timing["pass_s"]
+            self.batch = timed_pass(ctx, scorer, seg_windows, partial(keep_reference, buffer, staged), staged,
+                                    self.ref, self.observers, f"{ref_name} (reference)")
+            saved = self.ref.segment(offset, seg_tokens)
+            meta = {"timing": _timing(self.ref, load_s, before),
+                    "batch_size": self.batch, "observers": self._snapshots(ctx)}
+            if seg == 0:
+                self.noise = noise_pass(cfg, scorer, seg_windows, buffer, self.batch)
+                saved.update({f"noise/{k}": v for k, v in self.noise.segment(0, len(self.noise.kl)).items()})
+                meta.update(noise_timing=self.noise.timing, noise_batch_size=self.noise.batch_size)
+        del scorer, ctx, staged
+        unload(model)
+        self.state.save_plan({"segments": self.segments, "batch": self.batch, "prov": self.prov})
+        if need_logits:
+            self.state.save_logits(seg, buffer)
+        self.state.save(seg, "reference", saved, meta)  # last: "reference done" implies its logits exist
+        _fault(ref_name)
+        return buffer if need_logits else None
+
+    def _test(self, seg: int, p: Precision, buffer: torch.Tensor) -> None:
+        test = self.arrays[p.name]
+        try:
+            model, load_s = _load(self.cfg, self.source, p, self.device)
+        except Exception as exc:
+            self.failed[p.name] = str(exc)
+            say(f"{p.name} failed: {exc}; the other dtypes go on")
+            return
+        test.timing["load_s"] += load_s
+        self.prov.setdefault("test_flags", numeric_flags())
+        scorer = Scorer(model, self.device)
+        first, last, offset = self.segments[seg]
+        seg_windows = self.windows.windows[first:last]
+        ctx = self._ctx(p, "test", model, seg)
+        staged = staging(len(buffer), self.device, divergence=True)
+        before = test.timing["pass_s"]
+        try:
+            timed_pass(ctx, scorer, seg_windows, partial(compare, buffer, staged), staged, test, self.observers, p.name)
+        except EvalsuiteError as exc:  # e.g. out of memory even at batch size 1: the others go on
+            self.failed[p.name] = str(exc)
+            say(f"{p.name} failed: {exc}; the other dtypes go on")
+        else:
+            meta = {"timing": _timing(test, load_s, before), "batch_size": test.batch_size,
+                    "observers": self._snapshots(ctx)}
+            self.state.save(seg, p.name, test.segment(offset, len(buffer)), meta)
+        del scorer, ctx, staged
+        unload(model)
+        _fault(p.name)
 
 
-def _compare(buffer, staged, pos: int, logits: torch.Tensor, tgt: torch.Tensor) -> None:
-    _stage(staged, pos, token_divergence(buffer[pos : pos + len(tgt)], logits, tgt))
-
-
-def _timed_pass(ctx: PassContext, scorer: Scorer, seg_windows, on_chunk, staged, arrays: TokenArrays,
-                observers, desc: str) -> int:
-    """One dtype over one segment, with the observers told; returns the batch size that fit."""
-    offset = ctx.segment_windows[2]
-    _notify(observers, "pass_started", ctx)
-    on_batch = partial(_notify_batch, observers, offset) if observers else None
-    stats = run_pass(scorer, seg_windows, ctx.batch_size, on_chunk, desc, ctx.cfg.progress, on_batch)
-    _flush(staged, arrays, offset)
-    arrays.timing["pass_s"] += stats.seconds
-    _note_peak(arrays, stats)
-    arrays.batch_size = stats.batch_size
-    _notify(observers, "pass_finished", ctx)
-    return stats.batch_size
-
-
-def _notify_batch(observers, offset: int, pos: int, ids: torch.Tensor) -> None:
-    _notify(observers, "batch_started", offset + pos, ids)
-
-
-def _note_peak(arrays: TokenArrays, stats) -> None:
-    if stats.peak_memory_gib is not None:
-        arrays.timing["peak_memory_gib"] = max(arrays.timing.get("peak_memory_gib", 0.0), stats.peak_memory_gib)
-
-
-_TOKEN_FIELDS = {"nll": torch.float64, "argmax": torch.int64, "nonfinite": torch.int64}
-_DIVERGENCE_FIELDS = {"kl": torch.float64, "top1_agree": torch.bool, "p_ref": torch.float64,
-                      "p_test": torch.float64, "max_abs_dlogit": torch.float32}
-
-
-def _staging(n: int, device: torch.device, divergence: bool) -> dict[str, torch.Tensor]:
-    """Per-token results stay on the device during a pass: no host sync per chunk."""
-    fields = {**_TOKEN_FIELDS, **(_DIVERGENCE_FIELDS if divergence else {})}
-    return {k: torch.empty(n, dtype=dt, device=device) for k, dt in fields.items()}
-
-
-def _stage(staged: dict[str, torch.Tensor], pos: int, result) -> None:
-    own = getattr(result, "test", result)  # TokenDivergence carries the test's own NLL in .test
-    for k in _TOKEN_FIELDS:
-        value = getattr(own, k)
-        staged[k][pos : pos + len(value)] = value
-    for k in _DIVERGENCE_FIELDS:
-        if k in staged:
-            value = getattr(result, k)
-            staged[k][pos : pos + len(value)] = value
-
-
-def _flush(staged: dict[str, torch.Tensor], arrays: TokenArrays, offset: int) -> None:
-    for k, t in staged.items():
-        getattr(arrays, k)[offset : offset + len(t)] = t.cpu().numpy()
-
-
-def _noise_pass(cfg: RunConfig, scorer: Scorer, seg_windows, buffer, batch: int, targets) -> TokenArrays | None:
-    """A second reference pass that differs only in batch layout: the run's noise floor."""
-    chosen, count = [], 0
-    for w in seg_windows:
-        if chosen and count + len(w) - 1 > cfg.noise_tokens:
-            break
-        chosen.append(w)
-        count += len(w) - 1
-    noise_batch = batch // 2 if batch > 1 else 2
-    noise = TokenArrays.empty(count, divergence=True)
-    staged = _staging(count, scorer.device, divergence=True)
-
-    def compare(pos: int, logits: torch.Tensor, tgt: torch.Tensor) -> None:
-        _stage(staged, pos, token_divergence(buffer[pos : pos + len(tgt)], logits, tgt))
-
-    stats = run_pass(scorer, chosen, noise_batch, compare, "noise floor (reference again)", cfg.progress)
-    _flush(staged, noise, 0)
-    noise.timing["pass_s"] = stats.seconds
-    noise.batch_size = stats.batch_size
-    return noise
+def _timing(arrays: TokenArrays, load_s: float, pass_s_before: float) -> dict:
+    """This segment's share of a dtype's timing (the arrays accumulate over segments)."""
+    t = {"load_s": load_s, "pass_s": arrays.timing["pass_s"] - pass_s_before}
+    if "peak_memory_gib" in arrays.timing:
+        t["peak_memory_gib"] = arrays.timing["peak_memory_gib"]
+    return t
