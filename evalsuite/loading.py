@@ -32,6 +32,14 @@ def _quiet_transformers() -> None:
     hf_logging.disable_progress_bar()
 
 
+def _remote_code_error(source: str, exc: BaseException) -> ModelLoadError | None:
+    text = str(exc)
+    if "custom code" in text or "trust_remote_code" in text:
+        return ModelLoadError(f"{source} ships its own model code, which evalsuite does not run unless asked: "
+                              "read it, then pass --trust-remote-code if you trust it")
+    return None
+
+
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0][:300] if text else type(exc).__name__
@@ -56,6 +64,9 @@ def load_tokenizer(source: str, trust_remote_code: bool = False):
     try:
         return AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
     except Exception as exc:  # transformers raises OSError, ValueError, and others
+        remote = _remote_code_error(source, exc)
+        if remote is not None:
+            raise remote from exc
         raise ModelLoadError(
             f"could not load a tokenizer from {source}: {_first_line(exc)}; the checkpoint needs its tokenizer files"
         ) from exc
@@ -79,7 +90,8 @@ def load_model(source: str, precision: Precision, device: torch.device, trust_re
             f"{source} at {precision.name} does not fit on {device}: use a larger GPU, --device cpu, or fewer dtypes"
         ) from exc
     except Exception as exc:
-        raise ModelLoadError(f"could not load model {source} at {precision.name}: {_first_line(exc)}") from exc
+        raise _remote_code_error(source, exc) or ModelLoadError(
+            f"could not load model {source} at {precision.name}: {_first_line(exc)}") from exc
     if device.type != "cuda":
         model.to(device)
     model.eval()
