@@ -161,7 +161,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     import numpy as np
 
     from evalsuite.demo import demo_checkpoint
-    from evalsuite.results import write_results
+    from evalsuite.results import atomic_write, write_results
     from evalsuite.runner import run, say
     from evalsuite.table import format_table
 
@@ -186,9 +186,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     def write_outputs(results, per_token) -> None:  # before the resume state is discarded
         write_results(cfg.out_dir / "results.json", results)
         write_report(cfg.out_dir / "report.html", render_report(results.to_dict()))
-        tmp = cfg.out_dir / ".per_token.tmp.npz"
-        np.savez_compressed(tmp, **per_token)
-        tmp.replace(cfg.out_dir / "per_token.npz")
+        atomic_write(cfg.out_dir / "per_token.npz", lambda fh: np.savez_compressed(fh, **per_token))
 
     results, per_token = run(cfg, source, observers=observers, resume=not args.no_resume, fresh=args.fresh,
                              write_outputs=write_outputs)

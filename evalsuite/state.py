@@ -14,16 +14,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from evalsuite.errors import UsageError
-from evalsuite.results import atomic_write_text
+from evalsuite.results import atomic_write, atomic_write_text
 
 STATE_DIR = ".state"
 
@@ -86,7 +84,7 @@ class RunState:
         if not self.enabled:
             return
         payload = {**arrays, "__meta__": np.array(json.dumps(meta))}
-        _atomic(self._arrays_path(segment, name), lambda fh: np.savez(fh, **payload))
+        atomic_write(self._arrays_path(segment, name), lambda fh: np.savez(fh, **payload))
 
     def load(self, segment: int, name: str) -> tuple[dict[str, np.ndarray], dict]:
         with np.load(self._arrays_path(segment, name)) as data:
@@ -104,7 +102,7 @@ class RunState:
     def save_logits(self, segment: int, buffer: torch.Tensor) -> None:
         if self.enabled:
             host = buffer.cpu().numpy()  # (N, V) float32
-            _atomic(self._logits_path(segment), lambda fh: np.save(fh, host))
+            atomic_write(self._logits_path(segment), lambda fh: np.save(fh, host))
 
     def load_logits(self, segment: int, device: torch.device) -> torch.Tensor:
         host = np.load(self._logits_path(segment), mmap_mode="r")
@@ -118,16 +116,3 @@ class RunState:
     def finish(self) -> None:
         if self.enabled:
             shutil.rmtree(self.root, ignore_errors=True)
-
-
-def _atomic(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            write(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
