@@ -113,9 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(args: argparse.Namespace):
+    from evalsuite.benchmarks import parse_tasks
     from evalsuite.config import RunConfig
     from evalsuite.corpus import CorpusSpec
-    from evalsuite.benchmarks import parse_tasks
     from evalsuite.precision import parse_dtype
 
     names = [d for d in args.dtypes.split(",") if d.strip()]

@@ -29,6 +29,13 @@ class RunConfig:
     buffer_gib: float | None = None  # device memory for the reference's logits; None = automatic
     attn_implementation: str | None = None
     progress: bool = True
+    numerics: bool = True  # weight, activation and layer-wise diagnostics (docs/numerics.md)
+    headroom_margin_bits: float = 1.0  # activations within this many bits of a dtype's max are flagged
+    tasks: tuple[str, ...] = ()  # lm-eval multiple-choice tasks scored at each dtype (docs/benchmarks.md)
+    num_fewshot: int | None = None  # None = each task's own default
+    limit: float | None = None  # questions per task/subject: a count, or a fraction below 1
+    cmmlu_dir: Path | None = None  # local CMMLU copy for cmmlu_local (else $EVALSUITE_CMMLU_DIR)
+    ceval_dir: Path | None = None  # local C-Eval copy for ceval-valid_local (else $EVALSUITE_CEVAL_DIR)
 
     def __post_init__(self) -> None:
         if self.seq_len < 1:
@@ -39,6 +46,12 @@ class RunConfig:
             raise UsageError(f"--batch-size must be at least 1 or 'auto', got {self.batch_size}")
         if not self.dtypes:
             raise UsageError("--dtypes is empty: give at least one of fp16, bf16, fp32")
+        if not 0 <= self.headroom_margin_bits < 128:  # also false for NaN
+            raise UsageError(f"--headroom-margin-bits must be between 0 and 128, got {self.headroom_margin_bits}")
+        if self.num_fewshot is not None and self.num_fewshot < 0:
+            raise UsageError(f"--num-fewshot must be at least 0, got {self.num_fewshot}")
+        if self.limit is not None and not self.limit > 0:  # also false for NaN
+            raise UsageError(f"--limit must be positive (a count, or a fraction below 1), got {self.limit}")
 
     def to_dict(self) -> dict[str, object]:
         return {
@@ -61,6 +74,13 @@ class RunConfig:
             "noise_tokens": self.noise_tokens,
             "buffer_gib": self.buffer_gib,
             "attn_implementation": self.attn_implementation,
+            "numerics": self.numerics,
+            "headroom_margin_bits": self.headroom_margin_bits,
+            "tasks": list(self.tasks),
+            "num_fewshot": self.num_fewshot,
+            "limit": self.limit,
+            "cmmlu_dir": str(self.cmmlu_dir) if self.cmmlu_dir else None,
+            "ceval_dir": str(self.ceval_dir) if self.ceval_dir else None,
         }
 
 

@@ -7,9 +7,9 @@ relative rounding error |cast(x) - x| / |x| over the values that stay finite and
 checkpoint stored in FP16 and served in BF16 (or the reverse) we also count the values the
 conversion changes, and those the round trip (stored -> served -> stored) does not restore.
 
-Large tensors are processed in slices of `SLICE` elements, so the float64 temporaries stay
-bounded (a 256k x 8192 embedding would otherwise need 16 GB per float64 copy). Each tensor's
-counts stay on the device until all are done: one host sync for the whole model.
+Large tensors are processed in slices of `SLICE` elements, so the temporaries stay bounded
+(a 256k x 8192 embedding is 2 G elements). Each tensor's counts stay on the device until all
+are done: one host sync for the whole model.
 """
 
 from __future__ import annotations
@@ -20,11 +20,11 @@ import torch
 
 from evalsuite.precision import DTYPES, Precision
 
-SLICE = 1 << 22  # elements per slice: 32 MiB per float64 temporary
+SLICE = 1 << 22  # elements per slice: 16 MiB per float32 temporary
 PROBLEM_TENSORS = 20  # per dtype, tensors with overflow or underflow kept in results.json
 WORST_TENSORS = 5  # per dtype, tensors with the largest relative rounding error kept as well
 # Columns of the per-tensor statistics vector (float64, on the device until the end).
-_FIELDS = ("n", "overflow", "flushed_zero", "subnormal", "rel_err_sum", "rel_err_max", "n_rel",
+_FIELDS = ("n", "absmax", "overflow", "flushed_zero", "subnormal", "rel_err_sum", "rel_err_max", "n_rel",
            "changed", "roundtrip_changed")
 
 
@@ -34,6 +34,7 @@ class TensorConversion:
 
     name: str
     n: int
+    absmax: float  # largest |x| in FP32
     overflow: int  # finite in FP32, +-inf after the cast
     flushed_zero: int  # nonzero in FP32, exactly 0 after the cast
     subnormal: int  # nonzero after the cast but below the dtype's smallest normal
@@ -61,27 +62,39 @@ def _stored_precision(stored: str | None) -> Precision | None:
     return DTYPES[names[stored]] if stored in names else None
 
 
+def _count(mask: torch.Tensor) -> torch.Tensor:
+    return torch.count_nonzero(mask).double()  # (mask.sum(dtype=float64) would copy the mask to float64)
+
+
 def _slice_stats(x: torch.Tensor, p: Precision, stored: Precision | None) -> torch.Tensor:
-    """Statistics vector (len(_FIELDS),) float64 of one flat slice `x` (float32) cast to `p`."""
-    y = x.to(p.dtype)
-    x64, y64 = x.double(), y.double()
-    finite_x = torch.isfinite(x64)
-    overflow = (torch.isinf(y64) & finite_x).sum()
-    nonzero = x64 != 0
-    flushed = ((y64 == 0) & nonzero).sum()
-    ay = y64.abs()
-    subnormal = ((ay < p.smallest_normal) & (ay > 0)).sum()
-    keep = torch.isfinite(y64) & (ay > 0) & finite_x  # (n,) values with a defined relative error
-    rel = torch.where(keep, (y64 - x64).abs() / x64.abs().clamp_min(torch.finfo(torch.float64).tiny), 0.0)
-    zero = x64.new_zeros(())
+    """Statistics vector (len(_FIELDS),) float64 of one flat slice `x` (float32) cast to `p`.
+
+    Elementwise work stays in float32, where it is exact: the cast's result is an FP32 number,
+    and round-to-nearest keeps a nonzero result within a factor 2 of x, so x - cast(x) is exact
+    (Sterbenz); the ratio |x - cast(x)| / |x| then carries one FP32 rounding (2^-24 of itself).
+    Sums accumulate in float64. Half the memory traffic of float64 temporaries, which is what
+    this costs on a CPU (it is memory-bound).
+    """
+    y = x.to(p.dtype).float()
+    ay, ax = y.abs(), x.abs()  # (n,) each; compared with == inf below (isinf would take abs again)
+    zero = x.new_zeros((), dtype=torch.float64)
+    y_zero = ay == 0
+    n_y_zero = _count(y_zero)
+    overflow = _count(ay == torch.inf) - _count(ax == torch.inf)  # an inf input stays inf
+    flushed = n_y_zero - _count(ax == 0)
+    subnormal = _count(ay < p.smallest_normal) - n_y_zero
+    # |y - x| / |x|: 1 where flushed (masked to 0), inf where overflowing, NaN for x = 0 or NaN (both -> 0)
+    rel = y.sub_(x).abs_().div_(ax).masked_fill_(y_zero, 0.0).nan_to_num_(0.0, 0.0, 0.0)
+    n_rel = x.numel() - n_y_zero - _count(ay == torch.inf) - _count(ay != ay)  # finite, nonzero results
     changed = roundtrip = zero
     if stored is not None and stored.dtype != p.dtype:  # checkpoint values are exact in `stored`
-        changed = (y64 != x64).sum()
-        back = y.to(stored.dtype).double()
-        roundtrip = ((back != x64) & ~(torch.isnan(back) & torch.isnan(x64))).sum()
-    return torch.stack([x64.new_tensor(float(x.numel())), overflow.double(), flushed.double(), subnormal.double(),
-                        rel.sum(), rel.max() if rel.numel() else zero, keep.sum().double(), changed.double(),
-                        roundtrip.double()])
+        y = x.to(p.dtype)
+        changed = _count(y.float() != x) - _count(x != x)  # NaN != NaN: not a change
+        roundtrip = _count(y.to(stored.dtype).float() != x) - _count(x != x)
+    absmax = torch.linalg.vector_norm(x, float("inf")).double() if x.numel() else zero
+    return torch.stack([x.new_full((), float(x.numel()), dtype=torch.float64), absmax, overflow, flushed, subnormal,
+                        rel.sum(dtype=torch.float64), rel.max().double() if rel.numel() else zero, n_rel,
+                        changed, roundtrip])
 
 
 def tensor_stats(x: torch.Tensor, p: Precision, stored: Precision | None) -> torch.Tensor:
@@ -90,7 +103,8 @@ def tensor_stats(x: torch.Tensor, p: Precision, stored: Precision | None) -> tor
     parts = [_slice_stats(flat[i : i + SLICE], p, stored) for i in range(0, max(flat.numel(), 1), SLICE)]
     total = torch.stack(parts).sum(0)
     if len(parts) > 1:
-        total[_FIELDS.index("rel_err_max")] = torch.stack(parts)[:, _FIELDS.index("rel_err_max")].max()
+        for k in ("absmax", "rel_err_max"):
+            total[_FIELDS.index(k)] = torch.stack(parts)[:, _FIELDS.index(k)].max()
     return total
 
 
@@ -109,7 +123,7 @@ def conversion_stats(model: torch.nn.Module, tests: list[Precision], stored: str
             f = dict(zip(_FIELDS, v, strict=True))
             pair = store is not None and store.dtype != p.dtype
             out[p.name].append(TensorConversion(
-                name=name, n=int(f["n"]), overflow=int(f["overflow"]), flushed_zero=int(f["flushed_zero"]),
+                name=name, n=int(f["n"]), absmax=f["absmax"], overflow=int(f["overflow"]), flushed_zero=int(f["flushed_zero"]),
                 subnormal=int(f["subnormal"]),
                 rel_err_mean=f["rel_err_sum"] / f["n_rel"] if f["n_rel"] else None,
                 rel_err_max=f["rel_err_max"] if f["n_rel"] else None,

@@ -18,7 +18,7 @@ from typing import Any
 
 import jinja2
 
-from evalsuite import __version__, charts
+from evalsuite import __version__, bench_report, charts
 from evalsuite.table import fmt, pm
 
 # Top-level keys that have their own section; any other key is shown raw under "other sections".
@@ -32,7 +32,9 @@ SHOWN_METRICS = {"ppl", "ppl_se", "mean_nll", "bits_per_byte", "n_tokens", "n_sc
                  "ppl_ratio_se", "delta_ppl", "delta_ppl_se", "delta_nll", "delta_nll_se", "kl_mean", "kl_mean_se",
                  "kl_median", "kl_p90", "kl_p99", "kl_p999", "kl_max", "top1_agreement", "delta_p_mean",
                  "delta_p_rms", "max_abs_dlogit", "nonfinite_logits", "nonfinite_tokens", "finite_only",
-                 "tokens_per_s", "verdict", "verdict_reason", "verdict_reasons"}
+                 "tokens_per_s", "verdict", "verdict_reason", "verdict_reasons", "weights_overflow",
+                 "weights_underflow_frac", "weights_rel_err_max", "min_headroom_bits", "modules_near_overflow",
+                 "first_nonfinite_module", "layer_max_error_growth"}
 
 
 def _finite(v) -> bool:
@@ -99,11 +101,13 @@ def _text(v) -> str:
     return json.dumps(v, ensure_ascii=False)
 
 
-def verdict(d: dict) -> dict:
-    """The verdict shown for one dtype: `metrics.verdict` when a run has it, else `status`."""
+def verdict(d: dict, reasons=None) -> dict:
+    """The verdict shown for one dtype: `metrics.verdict` when a run has it, else `status`.
+
+    `reasons` (from `numerics.verdicts.<dtype>.reasons`) go with `metrics.verdict`; else the message."""
     m = d.get("metrics") or {}
     word = m.get("verdict") if isinstance(m.get("verdict"), str) else d.get("status") or "unknown"
-    reasons = m.get("verdict_reasons", m.get("verdict_reason")) or d.get("message") or ""
+    reasons = reasons or m.get("verdict_reasons", m.get("verdict_reason")) or d.get("message") or ""
     if isinstance(reasons, list | tuple):
         reasons = "; ".join(str(r) for r in reasons)
     return {"word": word, "cls": VERDICT_CLASS.get(word, "unknown"), "reasons": str(reasons)}
@@ -142,7 +146,30 @@ def _numerics(results: dict) -> dict:
                                                  "relative error of the layer output"),
                "activation_headroom": charts.layer_chart(num.get("activation_headroom"), ("max_abs", "value"),
                                                          "largest |activation|", (FP16_MAX, "FP16 max 65504"))}
-    return {k: v for k, v in charts_.items() if v is not None}
+    return {k: v for k, v in {**charts_, "table": _numerics_table(results, num)}.items() if v}
+
+
+def _verdict_reasons(results: dict, name: str) -> list | None:
+    num = results.get("numerics")
+    v = (num.get("verdicts") or {}).get(name) if isinstance(num, dict) else None
+    return v.get("reasons") if isinstance(v, dict) and isinstance(v.get("reasons"), list) else None
+
+
+def _numerics_table(results: dict, num: dict) -> list[dict]:
+    """One row per test dtype with numerics metrics: where it breaks and how close it comes."""
+    rows = []
+    for name, d in (results.get("dtypes") or {}).items():
+        m = d.get("metrics") or {}
+        if d.get("role") != "test" or "min_headroom_bits" not in m:
+            continue
+        ff = (num.get("first_nonfinite") or {}).get(name) or {}
+        near = ((num.get("near_overflow") or {}).get(name) or [{}])[0]
+        rows.append({"dtype": name, "first": str(m.get("first_nonfinite_module") or "none"),
+                     "ref_absmax": fmt(ff.get("reference_absmax"), 3), "headroom": fmt(m.get("min_headroom_bits"), 3),
+                     "near": fmt(m.get("modules_near_overflow")), "tightest": str(near.get("module") or "-"),
+                     "w_overflow": fmt(m.get("weights_overflow")), "w_underflow": pct(m.get("weights_underflow_frac"), 3),
+                     "w_rel_err": fmt(m.get("weights_rel_err_max"), 3), "growth": fmt(m.get("layer_max_error_growth"))})
+    return rows
 
 
 def _gates(results: dict) -> dict:
@@ -200,7 +227,8 @@ def _all_metrics(dtypes: dict, only_unknown: bool = False) -> list[tuple[str, li
     for d in dtypes.values():
         names += [k for k in (d.get("metrics") or {}) if k not in names]
     if only_unknown:
-        names = [k for k in names if k not in SHOWN_METRICS and not k.startswith("noise_")]
+        hidden = ("noise_", *bench_report.METRIC_PREFIXES)  # the benchmark view shows those
+        names = [k for k in names if k not in SHOWN_METRICS and not k.startswith(hidden)]
     return [(k, [_text((d.get("metrics") or {}).get(k)) if k in (d.get("metrics") or {}) else ""
                  for d in dtypes.values()]) for k in names]
 
@@ -214,7 +242,8 @@ def _title(model: dict) -> str:
 
 
 def _other_sections(results: dict) -> list[tuple[str, str]]:
-    raw = {k: json.dumps(v, indent=2, ensure_ascii=False) for k, v in results.items() if k not in KNOWN_KEYS}
+    known = KNOWN_KEYS | ({"benchmarks"} if bench_report.context(results) else set())  # else shown raw
+    raw = {k: json.dumps(v, indent=2, ensure_ascii=False) for k, v in results.items() if k not in known}
     return [(k, t if len(t) <= RAW_LIMIT else t[:RAW_LIMIT] + "\n… (cut; see results.json)") for k, t in raw.items()]
 
 
@@ -227,12 +256,13 @@ def context(results: dict, label: str = "", file: str = "") -> dict:
     return {
         "label": label, "file": file, "results": results, "dtypes": dtypes, "noise": noise, "title": _title(model),
         "noise_note": _noise_note(results),
-        "verdicts": {n: verdict(d) for n, d in dtypes.items()},
+        "verdicts": {n: verdict(d, _verdict_reasons(results, n)) for n, d in dtypes.items()},
         "headline": {n: _headline(d, noise) for n, d in dtypes.items() if d.get("role") == "test"},
         "kl_density": charts.kl_density_chart(hists, noise.get("kl_max")) if hists else None,
         "kl_tail": charts.kl_tail_chart(hists, noise.get("kl_max")) if hists else None,
         "zero_kl": {n: h.get("n_zero") for n, h in hists.items() if isinstance(h, dict) and h.get("n_zero")},
         "numerics": _numerics(results), "gates": _gates(results), "worst": _worst(results),
+        "benchmarks": bench_report.context(results),
         "all_metrics": _all_metrics(dtypes), "more_metrics": _all_metrics(dtypes, only_unknown=True),
         "provenance": _nested(results.get("provenance") or {}), "model_rows": _flatten(model),
         "corpus_rows": _flatten(results.get("corpus") or {}), "config_rows": _flatten(results.get("config") or {}),

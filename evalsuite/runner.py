@@ -91,7 +91,9 @@ def _state_fields(cfg: RunConfig, source: str, device: torch.device, corpus_iden
             "model_files": model_signature(source), "corpus_sha256": corpus_identity["sha256"],
             "seq_len": cfg.seq_len, "max_tokens": cfg.max_tokens, "reference": cfg.reference.name,
             "batch_size": cfg.batch_size, "noise_tokens": cfg.noise_tokens, "buffer_gib": cfg.buffer_gib,
-            "attn": cfg.attn_implementation, "device": str(device)}
+            "attn": cfg.attn_implementation, "device": str(device), "numerics": cfg.numerics,
+            "headroom_margin_bits": cfg.headroom_margin_bits, "tasks": list(cfg.tasks),
+            "num_fewshot": cfg.num_fewshot, "limit": cfg.limit}
 
 
 def run(cfg: RunConfig, source: str, observers: tuple = (), resume: bool = False, fresh: bool = False,

@@ -69,3 +69,23 @@ def build_model(path: Path, arch: str = "llama", seed: int = 0, with_bos: bool =
     model.to(dtype).save_pretrained(path, safe_serialization=True)
     tokenizer.save_pretrained(path)
     return path
+
+
+def build_planted(path: Path, scales: dict[str, float], arch: str = "llama", seed: int = 0,
+                  dtype: torch.dtype = torch.float32) -> Path:
+    """A `build_model` checkpoint with named parameters multiplied by factors: planted numeric problems.
+
+    E.g. {"model.layers.0.mlp.down_proj.weight": 2e4} makes that MLP's output exceed FP16's 65504
+    while its weights stay inside FP16's range; a factor of 1e-9 pushes a tensor below FP16's
+    smallest subnormal. Saved in `dtype` (the "stored" dtype).
+    """
+    from transformers import AutoModelForCausalLM
+
+    build_model(path, arch, seed)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, factor in scales.items():
+            params[name].mul_(factor)
+    model.to(dtype).save_pretrained(path, safe_serialization=True)
+    return path

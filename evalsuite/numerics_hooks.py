@@ -1,0 +1,200 @@
+"""Forward hooks that watch module outputs during a pass, with no host sync inside a hook.
+
+Which modules (found by structure and class name, so any decoder-only transformers model works):
+- "layer": each decoder layer (the residual stream after it): the children of the decoder's
+  ModuleList whose length is `num_hidden_layers` (or the longest ModuleList of one class);
+- "attention" / "mlp": a decoder layer's direct children named like self_attn/attn/attention
+  or mlp/feed_forward/ffn, or whose class name contains Attention / MLP / FeedForward;
+- "norm": every module whose class name contains "Norm" (RMSNorm, LayerNorm), final norm included;
+- "embedding" and "lm_head": `get_input_embeddings()` and `get_output_embeddings()`. The Scorer
+  applies the head a chunk of tokens at a time, so its hook fires once per chunk.
+
+What a hook does: the output's absmax, `vector_norm(x, inf)` (one reduction, no temporary),
+kept as a 0-d device tensor; the batch's values are stacked once when the next batch starts and
+copied to the host once at the end of the pass. On the reference pass it also adds the output
+to a per-module histogram of |x| with `HIST_BINS_PER_BIT` bins per power of two (read off the
+float32 bit pattern), from which a high percentile is read to within one bin; the histogram sees
+at most `HIST_SAMPLE` elements per call (every k-th row of the output, so a (C, V) logits chunk
+costs no more than a hidden state).
+Execution order is the order of each module's first call: a decoder layer finishes after its
+attention, MLP and norms, so "first non-finite module" means the first output a user could
+see turn inf/NaN.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+HIST_SHIFT = 20  # float32 bits >> 20 keeps the 8 exponent bits and the top 3 mantissa bits
+HIST_BINS = 1 << (31 - HIST_SHIFT)  # 2048 bins cover every float32 magnitude
+HIST_BINS_PER_BIT = 1 << (23 - HIST_SHIFT)  # 8 (linear within each power of two)
+_INF_BIN = 0x7F800000 >> HIST_SHIFT  # first bin of exponent 255: inf and NaN
+HIST_SAMPLE = 1 << 20  # elements per hook call that enter the histogram (>= 100 above a p99.99)
+PERCENTILE = 0.9999
+_ATTN = re.compile(r"(^|_)(self_attn|attn|attention|self_attention)$")
+_MLP = re.compile(r"(^|_)(mlp|feed_forward|ffn|mlp_block)$")
+
+
+@dataclass(frozen=True)
+class Watched:
+    name: str
+    kind: str  # layer | attention | mlp | norm | embedding | lm_head
+    layer: int | None  # decoder layer index, None outside the layers
+    module: torch.nn.Module
+
+
+def _decoder_layers(model: torch.nn.Module) -> tuple[str, torch.nn.ModuleList] | None:
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    n = getattr(config, "num_hidden_layers", None)
+    lists = [(name, m) for name, m in model.named_modules()
+             if isinstance(m, torch.nn.ModuleList) and len(m) and len({type(c) for c in m}) == 1]
+    exact = [x for x in lists if len(x[1]) == n]
+    chosen = exact or sorted(lists, key=lambda x: -len(x[1]))
+    return chosen[0] if chosen else None
+
+
+def find_modules(model: torch.nn.Module) -> list[Watched]:
+    """The modules to watch, in `named_modules` order (execution order is learned at run time)."""
+    names = {id(m): n for n, m in model.named_modules()}
+    out: list[Watched] = []
+    emb = _call(model, "get_input_embeddings")
+    if emb is not None and id(emb) in names:
+        out.append(Watched(names[id(emb)], "embedding", None, emb))
+    found = _decoder_layers(model)
+    layer_of: dict[str, int] = {}
+    if found is not None:
+        prefix, layers = found
+        for i, layer in enumerate(layers):
+            layer_name = f"{prefix}.{i}"
+            layer_of[layer_name] = i
+            out.append(Watched(layer_name, "layer", i, layer))
+            for child_name, child in layer.named_children():
+                cls = type(child).__name__
+                if _ATTN.search(child_name) or "Attention" in cls:
+                    out.append(Watched(f"{layer_name}.{child_name}", "attention", i, child))
+                elif _MLP.search(child_name) or "MLP" in cls or "FeedForward" in cls:
+                    out.append(Watched(f"{layer_name}.{child_name}", "mlp", i, child))
+    for name, m in model.named_modules():
+        if "Norm" in type(m).__name__:
+            layer = next((i for p, i in layer_of.items() if name.startswith(p + ".")), None)
+            out.append(Watched(name, "norm", layer, m))
+    head = _call(model, "get_output_embeddings")
+    if head is not None and id(head) in names:
+        out.append(Watched(names[id(head)], "lm_head", None, head))
+    return out
+
+
+def _call(model: torch.nn.Module, method: str):
+    """model.method(), or None where the architecture does not implement it."""
+    try:
+        return getattr(model, method)()
+    except (AttributeError, NotImplementedError):
+        return None
+
+
+def _first_tensor(output) -> torch.Tensor | None:
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, tuple | list) and output and isinstance(output[0], torch.Tensor):
+        return output[0]
+    return getattr(output, "last_hidden_state", None)
+
+
+def magnitude_histogram(x: torch.Tensor) -> torch.Tensor:
+    """Counts of |x| per bin (HIST_BINS,) int64: a float32's bits >> 20 with the sign cleared, i.e.
+    its exponent and top 3 mantissa bits: 8 linear bins per power of two over the whole float32
+    range (zero and subnormals in the lowest bins, inf and NaN in the top ones). Integer ops and
+    `bincount` only: no log2, and nothing that `torch.use_deterministic_algorithms` forbids on
+    CUDA (as it does `histc`)."""
+    rows = x.reshape(-1, x.shape[-1]) if x.dim() > 1 else x.reshape(1, -1)  # (R, D) view
+    step = max(1, math.ceil(rows.numel() / HIST_SAMPLE))
+    bits = rows[::step].float().view(torch.int32)  # every step-th row: at most HIST_SAMPLE elements
+    return torch.bincount(((bits & 0x7FFFFFFF) >> HIST_SHIFT).reshape(-1), minlength=HIST_BINS)
+
+
+def percentile_from_histogram(counts: np.ndarray, q: float = PERCENTILE) -> float | None:
+    """Upper edge of the bin holding the q-quantile: an estimate that errs high by < 1 bin (12.5 %)."""
+    total = counts.sum()
+    if total <= 0:
+        return None
+    b = int(np.searchsorted(np.cumsum(counts), q * total, side="left"))
+    if b + 1 >= _INF_BIN:
+        return math.inf
+    return float(np.array([(b + 1) << HIST_SHIFT], dtype=np.int32).view(np.float32)[0])
+
+
+class Recorder:
+    """Hooks on `watched`; `start_batch` per batch; `finish` syncs once and returns the per-batch absmax.
+
+    `capture(slot, x)`, when given, also receives each decoder layer's and the embedding's output
+    (for the layer-wise divergence sample), with slot 0 = embedding and slot i+1 = layer i.
+    """
+
+    def __init__(self, watched: list[Watched], device: torch.device, histogram: bool, capture=None):
+        self.watched, self.device, self.capture = watched, device, capture
+        self.hist = torch.zeros((len(watched), HIST_BINS), dtype=torch.int64,
+                                device=device) if histogram else None
+        self.order: list[int] = []  # module indices in order of first call
+        self._seen: set[int] = set()
+        self._vals: list[torch.Tensor] = []  # 0-d absmax tensors of the current batch
+        self._idx: list[int] = []
+        self._batches: list[tuple[int, torch.Tensor, list[int]]] = []  # (token offset, (K,) absmax, module idx)
+        self._offset: int | None = None
+        self._handles: list = []
+
+    def attach(self) -> None:
+        for i, w in enumerate(self.watched):
+            slot = 0 if w.kind == "embedding" else (w.layer + 1 if w.kind == "layer" else None)
+            self._handles.append(w.module.register_forward_hook(self._hook(i, slot)))
+
+    def detach(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    def _hook(self, i: int, slot: int | None):
+        def hook(module, args, output):
+            x = _first_tensor(output)
+            if x is None or not x.is_floating_point() or x.numel() == 0:
+                return
+            if i not in self._seen:
+                self._seen.add(i)
+                self.order.append(i)
+            self._vals.append(torch.linalg.vector_norm(x, float("inf")))
+            self._idx.append(i)
+            if self.hist is not None:
+                self.hist[i].add_(magnitude_histogram(x))
+            if slot is not None and self.capture is not None:
+                self.capture(slot, x)
+        return hook
+
+    def _close_batch(self) -> None:
+        if self._vals and self._offset is not None:
+            self._batches.append((self._offset, torch.stack(self._vals).float(), self._idx))
+        self._vals, self._idx = [], []
+
+    def start_batch(self, offset: int) -> None:
+        self._close_batch()
+        self._offset = offset
+
+    def finish(self) -> tuple[list[tuple[int, np.ndarray]], np.ndarray | None]:
+        """([(token offset, absmax per watched module (M,), NaN -> inf, 0 = not called)], histograms (M, bins))."""
+        self._close_batch()
+        if not self._batches:
+            return [], (self.hist.cpu().numpy() if self.hist is not None else None)
+        flat = torch.cat([b[1] for b in self._batches])
+        hist = self.hist.cpu().numpy() if self.hist is not None else None
+        values = flat.cpu().numpy()  # the one host sync of the pass
+        values = np.where(np.isnan(values), np.inf, values)
+        rows, pos = [], 0
+        for offset, v, idx in self._batches:
+            row = np.zeros(len(self.watched))
+            np.maximum.at(row, np.asarray(idx), values[pos : pos + len(v)])
+            rows.append((offset, row))
+            pos += len(v)
+        return rows, hist
