@@ -102,8 +102,7 @@ class NumericsObserver:
             contrib["modules"] = [_module_record(watched[i], rows, hist, i) for i in recorder.order]
             if self._weights_pending is not None:
                 contrib |= {"stored": self.stored, "sample_info": self.sample_info,
-                            "weights": {d: [asdict(t) for t in ts] for d, ts in self._weights_pending.items()},
-                            "sample": self.sample.to_state() if self.sample is not None else None}
+                            "weights": {d: [asdict(t) for t in ts] for d, ts in self._weights_pending.items()}}
                 self._weights_pending = None
         elif sample is not None and self.sample is not None:
             contrib["layer_errors"] = [e.to_dict() for e in compare(self.sample.buf, sample.buf)]
@@ -114,7 +113,10 @@ class NumericsObserver:
         """This pass's findings, JSON-able, saved with the pass for a resumed run (`restore`)."""
         if self._last is None or self._last[:2] != (ctx.precision.name, ctx.segment):
             return None
-        return self._last[2]
+        findings = self._last[2]
+        if "weights" in findings and self.sample is not None:  # the reference's hidden states, for a resume
+            findings = {**findings, "sample": self.sample.to_state()}
+        return findings
 
     def restore(self, ctx, snap) -> None:
         if isinstance(snap, dict) and snap.get("numerics") == 1:  # ignore another observer's snapshot
