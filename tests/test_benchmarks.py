@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from helpers import one_line_error
 from tiny import build_model
 
 from evalsuite import bench_stats
@@ -330,35 +331,27 @@ def test_records_of_a_broken_dtype_and_uneven_choices(tmp_path):
     json.dumps(sections, allow_nan=True)  # serializable; results.to_dict turns NaN into null
 
 
-def _one_line_error(capsys, rc: int, code: int) -> str:
-    err = capsys.readouterr().err
-    assert rc == code, err
-    lines = [line for line in err.splitlines() if line.startswith("evalsuite: error:")]
-    assert len(lines) == 1 and "Traceback" not in err, err
-    return lines[0]
-
-
 def test_bad_input_is_one_line(tiny_llama, tmp_path, capsys, monkeypatch):
     monkeypatch.delenv("EVALSUITE_CMMLU_DIR", raising=False)
     base = ["run", "--model", str(tiny_llama), "--device", "cpu", "--out", str(tmp_path / "o"), "--no-progress"]
-    line = _one_line_error(capsys, main([*base, "--tasks", "zh_mcc"]), 2)
+    line = one_line_error(capsys, main([*base, "--tasks", "zh_mcc"]), 2)
     assert "unknown task 'zh_mcc'" in line and "zh_mc" in line.split("did you mean")[1]
-    line = _one_line_error(capsys, main([*base, "--tasks", "cmmlu_local_agronomy"]), 2)
+    line = one_line_error(capsys, main([*base, "--tasks", "cmmlu_local_agronomy"]), 2)
     assert "no CMMLU data directory given" in line and "EVALSUITE_CMMLU_DIR" in line and "--cmmlu-dir" in line
-    line = _one_line_error(capsys, main([*base, "--tasks", "cmmlu_local", "--cmmlu-dir", str(tmp_path / "nope")]), 2)
+    line = one_line_error(capsys, main([*base, "--tasks", "cmmlu_local", "--cmmlu-dir", str(tmp_path / "nope")]), 2)
     assert f"{tmp_path / 'nope'} does not exist" in line
     bad = tmp_path / "bad"
     for split in ("dev", "test"):
         (bad / split).mkdir(parents=True)
         (bad / split / "agronomy.csv").write_text(",Question,A,B,C,D\n0,问,1,2,3,4\n", encoding="utf-8")
-    line = _one_line_error(capsys, main([*base, "--tasks", "cmmlu_local_agronomy", "--cmmlu-dir", str(bad)]), 2)
+    line = one_line_error(capsys, main([*base, "--tasks", "cmmlu_local_agronomy", "--cmmlu-dir", str(bad)]), 2)
     assert "agronomy.csv" in line and "lacks column(s) Answer" in line
     (bad / "dev" / "agronomy.csv").write_text(",Question,A,B,C,D,Answer\n0,问,1,2,3,4,E\n", encoding="utf-8")
-    line = _one_line_error(capsys, main([*base, "--tasks", "cmmlu_local_agronomy", "--cmmlu-dir", str(bad)]), 2)
+    line = one_line_error(capsys, main([*base, "--tasks", "cmmlu_local_agronomy", "--cmmlu-dir", str(bad)]), 2)
     assert re.search(r"agronomy.csv line 2: answer 'E' is not one of A, B, C, D", line)
-    assert "--tasks none" in _one_line_error(capsys, main([*base, "--tasks", "none,zh_mc"]), 2)
-    assert "--limit" in _one_line_error(capsys, main([*base, "--limit", "0"]), 2)
-    assert "--num-fewshot" in _one_line_error(capsys, main([*base, "--num-fewshot", "-1"]), 2)
+    assert "--tasks none" in one_line_error(capsys, main([*base, "--tasks", "none,zh_mc"]), 2)
+    assert "--limit" in one_line_error(capsys, main([*base, "--limit", "0"]), 2)
+    assert "--num-fewshot" in one_line_error(capsys, main([*base, "--num-fewshot", "-1"]), 2)
     assert not (tmp_path / "o" / "results.json").exists()  # every error came before a model loaded
 
 

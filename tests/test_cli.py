@@ -9,6 +9,7 @@ import sys
 
 import numpy as np
 import pytest
+from helpers import one_line_error
 
 from evalsuite.cli import main
 
@@ -16,11 +17,7 @@ FAST = ["--device", "cpu", "--seq-len", "64", "--max-tokens", "300", "--no-progr
 
 
 def _one_line_error(capsys, code: int, rc: int) -> str:
-    err = capsys.readouterr().err
-    assert rc == code, err
-    lines = [line for line in err.splitlines() if line.startswith("evalsuite: error:")]
-    assert len(lines) == 1 and "Traceback" not in err, err
-    return lines[0]
+    return one_line_error(capsys, rc, code)
 
 
 def test_run_end_to_end(tiny_llama, tmp_path, capsys):
