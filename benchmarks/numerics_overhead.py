@@ -95,9 +95,14 @@ def summarize(runs: list[dict]) -> dict:
                 b.setdefault("pass_s", {})[n] = min(b.get("pass_s", {}).get(n, float("inf")), s)
         for k, s in r["observer_s"].items():
             b.setdefault("observer_s", {})[k] = min(b.get("observer_s", {}).get(k, float("inf")), s)
+        for n, gib in r["peak_memory_gib"].items():
+            if gib is not None:
+                b.setdefault("peak_gib", {})[n] = max(b.get("peak_gib", {}).get(n, 0.0), gib)
     base, num = best[False], best[True]
     per_dtype = {n: {"pass_s": base["pass_s"][n], "pass_s_numerics": num["pass_s"][n],
-                     "overhead_pct": 100 * (num["pass_s"][n] / base["pass_s"][n] - 1)} for n in base["pass_s"]}
+                     "overhead_pct": 100 * (num["pass_s"][n] / base["pass_s"][n] - 1),
+                     "peak_memory_gib": base.get("peak_gib", {}).get(n),
+                     "peak_memory_gib_numerics": num.get("peak_gib", {}).get(n)} for n in base["pass_s"]}
     return {"per_dtype_pass": per_dtype, "observer_outside_passes_s": num.get("observer_s", {}),
             "wall_s": base["wall_s"], "wall_s_numerics": num["wall_s"],
             "wall_overhead_pct": 100 * (num["wall_s"] / base["wall_s"] - 1)}
@@ -134,7 +139,10 @@ def main() -> None:
     print(f"device: {report['device']}  torch {report['torch']}  {args.max_tokens} tokens, seq {args.seq_len}, "
           f"min of {args.repeats}")
     for n, d in s["per_dtype_pass"].items():
-        print(f"  {n}: pass {d['pass_s']:.3f} s -> {d['pass_s_numerics']:.3f} s with numerics ({d['overhead_pct']:+.1f} %)")
+        peak = (f", peak {d['peak_memory_gib']:.2f} -> {d['peak_memory_gib_numerics']:.2f} GiB"
+                if d["peak_memory_gib"] is not None and d["peak_memory_gib_numerics"] is not None else "")
+        print(f"  {n}: pass {d['pass_s']:.3f} s -> {d['pass_s_numerics']:.3f} s with numerics "
+              f"({d['overhead_pct']:+.1f} %){peak}")
     print("  observer outside the passes: " + ", ".join(f"{k} {v:.3f} s" for k, v in s["observer_outside_passes_s"].items()))
     print(f"  wall: {s['wall_s']:.2f} s -> {s['wall_s_numerics']:.2f} s ({s['wall_overhead_pct']:+.1f} %)")
 

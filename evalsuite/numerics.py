@@ -41,7 +41,7 @@ from evalsuite.precision import DTYPES, Precision
 from evalsuite.verdict import Evidence, Thresholds, decide, is_broken
 
 NEAR_OVERFLOW_LISTED = 20  # modules per dtype listed in the section (the metric counts all)
-CHART_KINDS = {"layer": "layer output (residual)", "attention": "attention", "mlp": "mlp"}
+CHART_KINDS = {"layer": "residual", "attention": "attention", "mlp": "mlp"}  # legend labels: short
 
 
 class NumericsObserver:

@@ -20,7 +20,9 @@ import torch
 
 from evalsuite.precision import DTYPES, Precision
 
-SLICE = 1 << 22  # elements per slice: 16 MiB per float32 temporary
+# Elements per slice. CPU: 4 MiB float32 temporaries stay in cache across the ~20 elementwise
+# ops (measured 1.5x faster than 16 MiB); CUDA: 64 MiB, few enough launches for a 70B model.
+SLICE = {"cpu": 1 << 20, "cuda": 1 << 24}
 PROBLEM_TENSORS = 20  # per dtype, tensors with overflow or underflow kept in results.json
 WORST_TENSORS = 5  # per dtype, tensors with the largest relative rounding error kept as well
 # Columns of the per-tensor statistics vector (float64, on the device until the end).
@@ -100,7 +102,8 @@ def _slice_stats(x: torch.Tensor, p: Precision, stored: Precision | None) -> tor
 def tensor_stats(x: torch.Tensor, p: Precision, stored: Precision | None) -> torch.Tensor:
     """Statistics vector of a whole tensor, slice by slice (sums and maxima combined on the device)."""
     flat = x.detach().reshape(-1).float()
-    parts = [_slice_stats(flat[i : i + SLICE], p, stored) for i in range(0, max(flat.numel(), 1), SLICE)]
+    step = SLICE.get(flat.device.type, SLICE["cpu"])
+    parts = [_slice_stats(flat[i : i + step], p, stored) for i in range(0, max(flat.numel(), 1), step)]
     total = torch.stack(parts).sum(0)
     if len(parts) > 1:
         for k in ("absmax", "rel_err_max"):

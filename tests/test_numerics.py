@@ -77,10 +77,11 @@ def test_weight_stats_match_float64_numpy(p):
 
 
 def test_weight_stats_slices_combine():
-    x = torch.randn(2 * SLICE + 17, dtype=torch.float32)
-    x[SLICE + 3] = 1e5
+    n = SLICE["cpu"]
+    x = torch.randn(2 * n + 17, dtype=torch.float32)
+    x[n + 3] = 1e5
     whole = tensor_stats(x, FP16, None).tolist()
-    parts = [tensor_stats(x[i : i + SLICE], FP16, None).tolist() for i in (0, SLICE, 2 * SLICE)]
+    parts = [tensor_stats(x[i : i + n], FP16, None).tolist() for i in (0, n, 2 * n)]
     assert whole[0] == x.numel() and whole[1] == 1e5 and whole[2] == 1
     assert whole[6] == max(p[6] for p in parts) and whole[5] == pytest.approx(sum(p[5] for p in parts), rel=1e-12)
 
