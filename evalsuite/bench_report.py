@@ -7,30 +7,20 @@ shows as '-'. The strings go to jinja2 with autoescape on, so question text from
 
 from __future__ import annotations
 
-import math
-
-from evalsuite.table import fmt, pm
+from evalsuite.table import fmt, is_number, pct, pm
 
 # Metric names the benchmark view shows; the report's "more metrics" table leaves them out.
 METRIC_PREFIXES = ("acc/", "acc_se/", "delta_acc/", "delta_acc_ci_low/", "delta_acc_ci_high/", "flips/",
                    "mcnemar_p/", "choice_kl/", "choice_agreement/")
 
 
-def _num(v) -> bool:
-    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
-
-
-def _pct(v, digits: int = 4) -> str:
-    return f"{fmt(v * 100, digits)} %" if _num(v) else "-"
-
-
 def _pp(v) -> str:
     """A difference of shares in percentage points, signed."""
-    return f"{'+' if v > 0 else ''}{fmt(v * 100, 3)} pp" if _num(v) else "-"
+    return f"{'+' if v > 0 else ''}{fmt(v * 100, 3)} pp" if is_number(v) else "-"
 
 
 def _ci(ci) -> str:
-    if not (isinstance(ci, list | tuple) and len(ci) == 2 and all(_num(x) for x in ci)):
+    if not (isinstance(ci, list | tuple) and len(ci) == 2 and all(is_number(x) for x in ci)):
         return "-"
     return f"[{_pp(ci[0])}, {_pp(ci[1])}]"
 
@@ -48,9 +38,9 @@ def _row(row: dict, tests: list[str], names: list[str]) -> dict:
         out["vs"][name] = {
             "delta": _pp(v.get("delta_acc")), "ci": _ci(v.get("delta_acc_ci")),
             "flips": fmt(v.get("flips")), "c2w": fmt(v.get("correct_to_wrong")), "w2c": fmt(v.get("wrong_to_correct")),
-            "rate": _pct(v.get("flip_rate"), 3), "p": fmt(v.get("mcnemar_p"), 3), "kl": fmt(v.get("choice_kl"), 3),
-            "agree": _pct(v.get("choice_agreement")),
-            "significant": _num(v.get("mcnemar_p")) and v["mcnemar_p"] < 0.05}
+            "rate": pct(v.get("flip_rate"), 3), "p": fmt(v.get("mcnemar_p"), 3), "kl": fmt(v.get("choice_kl"), 3),
+            "agree": pct(v.get("choice_agreement")),
+            "significant": is_number(v.get("mcnemar_p")) and v["mcnemar_p"] < 0.05}
     return out
 
 

@@ -14,14 +14,12 @@ from collections.abc import Collection, Sequence
 
 from markupsafe import Markup, escape
 
+from evalsuite.table import is_number as _finite
+
 # Okabe-Ito: distinguishable with the common colour-vision deficiencies.
 PALETTE = ("#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#000000")
 _SUPERSCRIPT = str.maketrans("-0123456789", "⁻⁰¹²³⁴⁵⁶⁷⁸⁹")
 _LEFT, _RIGHT, _TOP, _BOTTOM = 64, 16, 28, 54  # plot margins (px in viewBox units)
-
-
-def _finite(v) -> bool:
-    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
 
 
 def _tick_label(v: float) -> str:

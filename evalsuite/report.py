@@ -12,14 +12,14 @@ the "all metrics" table and the "other sections" dump.
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Any
 
 import jinja2
 
 from evalsuite import __version__, bench_report, charts
-from evalsuite.table import fmt, pm
+from evalsuite.table import fmt, pct, pm
+from evalsuite.table import is_number as _finite
 
 # Top-level keys that have their own section; any other key is shown raw under "other sections".
 KNOWN_KEYS = {"config", "provenance", "model", "corpus", "reference", "dtypes", "noise_floor", "noise_floor_detail",
@@ -35,15 +35,6 @@ SHOWN_METRICS = {"ppl", "ppl_se", "mean_nll", "bits_per_byte", "n_tokens", "n_sc
                  "tokens_per_s", "verdict", "verdict_reason", "verdict_reasons", "weights_overflow",
                  "weights_underflow_frac", "weights_rel_err_max", "min_headroom_bits", "modules_near_overflow",
                  "first_nonfinite_module", "layer_max_error_growth"}
-
-
-def _finite(v) -> bool:
-    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
-
-
-def pct(value, digits: int = 4) -> str:
-    """A fraction as a percentage ('99.57 %'); '-' when missing."""
-    return f"{fmt(value * 100, digits)} %" if _finite(value) else "-"
 
 
 def secs(value) -> str:

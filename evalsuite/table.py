@@ -20,6 +20,16 @@ def fmt(value, digits: int = 4) -> str:
     return f"{value:.{max(1, digits - 1)}e}"
 
 
+def is_number(value) -> bool:
+    """A finite int or float (not a bool): what can be plotted or formatted as a number."""
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def pct(value, digits: int = 4) -> str:
+    """A fraction as a percentage ('99.57 %'); '-' when missing."""
+    return f"{fmt(value * 100, digits)} %" if is_number(value) else "-"
+
+
 def pm(value, se, digits: int = 4) -> str:
     if se is None or (isinstance(se, float) and not math.isfinite(se)):
         return fmt(value, digits)
