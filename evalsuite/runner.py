@@ -203,6 +203,8 @@ class _Loop:
                 obs.restore(ctx, snap)
 
     def _snapshots(self, ctx: PassContext) -> list:
+        if not self.state.enabled:  # nothing will be saved: don't encode the observers' state
+            return []
         return [obs.snapshot(ctx) if hasattr(obs, "snapshot") else None for obs in self.observers]
 
     def run_all(self) -> None:
