@@ -11,7 +11,7 @@ from evalsuite.table import fmt, is_number, pct, pm
 
 # Metric names the benchmark view shows; the report's "more metrics" table leaves them out.
 METRIC_PREFIXES = ("acc/", "acc_se/", "delta_acc/", "delta_acc_ci_low/", "delta_acc_ci_high/", "flips/",
-                   "mcnemar_p/", "choice_kl/", "choice_agreement/")
+                   "mcnemar_p/", "choice_kl/", "choice_agreement/", "bench_questions_per_s")
 
 
 def _pp(v) -> str:
@@ -82,6 +82,21 @@ def _count(rows: list, names: list[str], key: str) -> dict[str, int]:
     return out
 
 
+def _batch(t: dict) -> str:
+    """The batch size used, and where an out-of-memory error halved it, the one it started from."""
+    size, start = t.get("batch_size"), t.get("batch_size_start")
+    if not isinstance(size, int):
+        return "-"
+    return f"{fmt(size)} (from {fmt(start)})" if isinstance(start, int) and start != size else fmt(size)
+
+
+def _speed(timing: dict) -> list[dict]:
+    """One row per dtype: scoring seconds, questions/s, batch size, ranks (data-parallel)."""
+    return [{"name": str(n), "seconds": fmt(t.get("score_s"), 3), "rate": fmt(t.get("questions_per_s"), 3),
+             "batch": _batch(t), "ranks": fmt(t.get("ranks")) if isinstance(t.get("ranks"), int) else "-"}
+            for n, t in timing.items() if isinstance(t, dict)]
+
+
 def context(results: dict) -> dict:
     """Rows for the benchmark view; {} when the run has no `benchmarks` section."""
     b = results.get("benchmarks")
@@ -100,7 +115,7 @@ def context(results: dict) -> dict:
         "flipped": {str(t): _flips(items, counts.get(t)) for t, items in flipped.items()},
         "records_file": str(b.get("records_file") or ""),
         "settings": [(str(k), fmt(v) if not isinstance(v, str) else v) for k, v in settings.items()],
-        "timing": [(str(n), fmt((t or {}).get("score_s"), 3)) for n, t in timing.items() if isinstance(t, dict)],
+        "speed": _speed(timing),
         "ties": _count(b["rows"], names, "tied_top"), "nonfinite": _count(b["rows"], names, "nonfinite"),
         "failed": [(str(k), str(v)) for k, v in (b.get("failed") or {}).items()] if isinstance(b.get("failed"), dict) else [],
     }

@@ -3,7 +3,9 @@
 Metrics (flat, per --tasks name; docs/benchmarks.md): every dtype gets `acc/<task>` and
 `acc_se/<task>`; each test dtype also gets `delta_acc/<task>` (with `delta_acc_ci_low/<task>`,
 `delta_acc_ci_high/<task>`), `flips/<task>` (the share of questions whose correctness changed),
-`mcnemar_p/<task>`, `choice_kl/<task>` and `choice_agreement/<task>`. The section repeats them per
+`mcnemar_p/<task>`, `choice_kl/<task>` and `choice_agreement/<task>`; every dtype scored in this
+run (or restored with its time) gets `bench_questions_per_s`, over all tasks together: the tasks'
+requests share batches, so a per-task time would only be an apportioned guess. The section repeats them per
 subject of a group, with the flip counts, and lists the flipped questions, so the report can be
 rendered from results.json alone; benchmarks.jsonl keeps every question with every dtype's answer.
 """
@@ -88,8 +90,29 @@ def flipped(recs: list[dict], ref: str, test: str) -> list[dict]:
     return out
 
 
-def build(plan, answers: dict, roles: dict, failed: dict, cfg) -> tuple[dict, dict]:
-    """(metric additions by dtype, {"benchmarks": section}); writes benchmarks.jsonl to cfg.out_dir."""
+def _timing(answers: dict, n_questions: int, timing: dict | None) -> dict[str, dict]:
+    """Per dtype: scoring seconds, questions/s and batch sizes (see BenchmarkObserver.timing);
+    without `timing`, from the answers' seconds alone."""
+    out = {}
+    for name, a in answers.items():
+        t = dict((timing or {}).get(name) or {})
+        seconds = float(t.get("score_s", a.seconds) or 0.0)
+        out[name] = {"score_s": seconds, "questions_per_s": n_questions / seconds if seconds > 0 else None,
+                     "batch_size": t.get("batch_size"), "batch_size_start": t.get("batch_size_start"),
+                     "ranks": t.get("ranks", 1), **({"by_rank": t["by_rank"]} if "by_rank" in t else {})}
+    return out
+
+
+def _speed_metrics(metrics: dict[str, dict], timing: dict[str, dict]) -> None:
+    """`bench_questions_per_s` per dtype, where its scoring time is known."""
+    for name, t in timing.items():
+        if t["questions_per_s"] is not None:
+            metrics.setdefault(name, {})["bench_questions_per_s"] = t["questions_per_s"]
+
+
+def build(plan, answers: dict, roles: dict, failed: dict, cfg, timing: dict | None = None) -> tuple[dict, dict]:
+    """(metric additions by dtype, {"benchmarks": section}); writes benchmarks.jsonl to cfg.out_dir.
+    `timing`: per dtype, {score_s, batch_size, batch_size_start, ranks[, by_rank]} (the observer's)."""
     from evalsuite.results import atomic_write_text
     from evalsuite.runner import say
 
@@ -113,12 +136,14 @@ def build(plan, answers: dict, roles: dict, failed: dict, cfg) -> tuple[dict, di
         "bootstrap": {"samples": bench_stats.BOOTSTRAP_SAMPLES, "level": 0.95, "seed": cfg.seed},
         "records_file": RECORDS_FILE, "n_questions": len(plan.questions), "rows": rows,
         "flipped": {t: f[:MAX_FLIPPED] for t, f in flips.items()}, "n_flipped": {t: len(f) for t, f in flips.items()},
-        "timing": {n: {"score_s": a.seconds} for n, a in answers.items()}, "failed": failed,
+        "timing": _timing(answers, len(plan.questions), timing), "failed": failed,
     }
     for row in rows:
         if row["subject"] is None:
             say(_summary(row, ref))
-    return _metrics(rows, ref), {"benchmarks": section}
+    metrics = _metrics(rows, ref)
+    _speed_metrics(metrics, section["timing"])
+    return metrics, {"benchmarks": section}
 
 
 def _summary(row: dict, ref: str | None) -> str:

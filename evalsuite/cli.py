@@ -97,6 +97,16 @@ def build_parser() -> argparse.ArgumentParser:
                      help="local CMMLU (dev/, test/ CSVs) for cmmlu_local (default: $EVALSUITE_CMMLU_DIR)")
     run.add_argument("--ceval-dir", type=Path, default=None,
                      help="local C-Eval (dev/, val/ CSVs) for ceval-valid_local (default: $EVALSUITE_CEVAL_DIR)")
+    run.add_argument("--device-map", choices=["auto"], default=None,
+                     help="'auto': shard each model over the visible GPUs through accelerate, for a model too "
+                          "large for one GPU")
+    run.add_argument("--reference-cache", type=Path, default=None, metavar="DIR",
+                     help="where finished reference passes are kept and reused by later runs of the same "
+                          "checkpoint, tokens and settings (default: $EVALSUITE_CACHE/reference or "
+                          "~/.cache/evalsuite/reference)")
+    run.add_argument("--no-reference-cache", action="store_true", help="neither read nor write the reference cache")
+    run.add_argument("--reference-cache-gib", type=float, default=64.0,
+                     help="evict the least recently used cached references beyond this size (default 64)")
     _add_gate_args(run, required=False)
 
     gate = sub.add_parser("gate", help="check a results.json against gates (no model needed); exit 1 if one fails")
@@ -110,6 +120,15 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("-o", "--output", type=Path, default=None,
                         help="output HTML (default: report.html beside results.json, or compare.html for two runs)")
     return parser
+
+
+def default_cache_dir() -> Path:
+    import os
+
+    if os.environ.get("EVALSUITE_REFERENCE_CACHE"):
+        return Path(os.environ["EVALSUITE_REFERENCE_CACHE"])
+    root = os.environ.get("EVALSUITE_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "evalsuite"
+    return Path(root) / "reference"
 
 
 def config_from_args(args: argparse.Namespace):
@@ -144,6 +163,9 @@ def config_from_args(args: argparse.Namespace):
         limit=args.limit,
         cmmlu_dir=args.cmmlu_dir,
         ceval_dir=args.ceval_dir,
+        device_map=args.device_map,
+        reference_cache=None if args.no_reference_cache else (args.reference_cache or default_cache_dir()),
+        reference_cache_gib=args.reference_cache_gib,
     )
 
 
@@ -178,9 +200,12 @@ def cmd_run(args: argparse.Namespace) -> int:
 
         observers = (NumericsObserver(cfg, source),)
     if bench_plan is not None:
+        from evalsuite import distributed
         from evalsuite.benchmarks import BenchmarkObserver
 
-        observers = (*observers, BenchmarkObserver(bench_plan, cfg))
+        dist = distributed.from_env()  # under torchrun each rank scores its share of the questions
+        shard = {"rank": dist.rank, "world": dist.world} if dist else {}
+        observers = (*observers, BenchmarkObserver(bench_plan, cfg, **shard))
     from evalsuite.report import render_report, write_report
 
     def write_outputs(results, per_token) -> None:  # before the resume state is discarded
@@ -190,6 +215,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     results, per_token = run(cfg, source, observers=observers, resume=not args.no_resume, fresh=args.fresh,
                              write_outputs=write_outputs)
+    if results is None:  # a data-parallel rank other than 0: rank 0 writes and gates the results
+        return EXIT_OK
     print(format_table(results.to_dict()))
     say(f"results written to {cfg.out_dir / 'results.json'}")
     if gate_set is None:

@@ -36,6 +36,9 @@ class RunConfig:
     limit: float | None = None  # questions per task/subject: a count, or a fraction below 1
     cmmlu_dir: Path | None = None  # local CMMLU copy for cmmlu_local (else $EVALSUITE_CMMLU_DIR)
     ceval_dir: Path | None = None  # local C-Eval copy for ceval-valid_local (else $EVALSUITE_CEVAL_DIR)
+    device_map: str | None = None  # "auto": shard each model over the visible GPUs through accelerate
+    reference_cache: Path | None = None  # directory of cached reference passes (refcache.py); None = off
+    reference_cache_gib: float = 64.0  # the cache evicts least recently used entries beyond this size
 
     def __post_init__(self) -> None:
         if self.seq_len < 1:
@@ -50,6 +53,10 @@ class RunConfig:
             raise UsageError(f"--headroom-margin-bits must be between 0 and 128, got {self.headroom_margin_bits}")
         if self.num_fewshot is not None and self.num_fewshot < 0:
             raise UsageError(f"--num-fewshot must be at least 0, got {self.num_fewshot}")
+        if self.device_map not in (None, "auto"):
+            raise UsageError(f"--device-map takes 'auto', got {self.device_map!r}")
+        if not self.reference_cache_gib >= 0:  # also false for NaN
+            raise UsageError(f"--reference-cache-gib must be at least 0, got {self.reference_cache_gib}")
         if self.limit is not None and not self.limit > 0:  # also false for NaN
             raise UsageError(f"--limit must be positive (a count, or a fraction below 1), got {self.limit}")
 
@@ -81,6 +88,9 @@ class RunConfig:
             "limit": self.limit,
             "cmmlu_dir": str(self.cmmlu_dir) if self.cmmlu_dir else None,
             "ceval_dir": str(self.ceval_dir) if self.ceval_dir else None,
+            "device_map": self.device_map,
+            "reference_cache": str(self.reference_cache) if self.reference_cache else None,
+            "reference_cache_gib": self.reference_cache_gib,
         }
 
 

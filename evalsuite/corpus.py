@@ -136,19 +136,31 @@ def _load_hf(spec: CorpusSpec) -> list[str]:
 
 
 def tokenize(texts: list[str], tokenizer, seq_len: int, max_tokens: int | None = None) -> TokenWindows:
-    """Tokenize once per run and cut into windows (see the module docstring for the rules)."""
+    """Tokenize once per run and cut into windows (see the module docstring for the rules).
+
+    Documents are encoded in growing blocks until `max_tokens` are there: a 2,048-token run on a
+    2 M-character corpus does not tokenize all of it (each document is encoded on its own, so the
+    tokens are the same either way).
+    """
     docs = [t + "\n" for t in texts]
-    enc = tokenizer(docs, add_special_tokens=False, return_offsets_mapping=bool(tokenizer.is_fast))
+    need = None if max_tokens is None else max_tokens + 1
     ids_parts, bytes_parts = [], []
-    for i, doc in enumerate(docs):
-        ids = np.asarray(enc["input_ids"][i], dtype=np.int64)
-        if len(ids) == 0:
-            continue
-        ids_parts.append(ids)
-        if tokenizer.is_fast:
-            bytes_parts.append(_bytes_from_offsets(doc, enc["offset_mapping"][i]))
-        else:  # slow tokenizers have no offsets: decode each token (close, not exact)
-            bytes_parts.append(np.array([len(tokenizer.decode([t]).encode("utf-8")) for t in ids], dtype=np.int64))
+    total, i, block = 0, 0, 64
+    while i < len(docs) and (need is None or total < need):
+        part = docs[i : i + block]
+        enc = tokenizer(part, add_special_tokens=False, return_offsets_mapping=bool(tokenizer.is_fast))
+        for j, doc in enumerate(part):
+            ids = np.asarray(enc["input_ids"][j], dtype=np.int64)
+            if len(ids) == 0:
+                continue
+            ids_parts.append(ids)
+            total += len(ids)
+            if tokenizer.is_fast:
+                bytes_parts.append(_bytes_from_offsets(doc, enc["offset_mapping"][j]))
+            else:  # slow tokenizers have no offsets: decode each token (close, not exact)
+                bytes_parts.append(np.array([len(tokenizer.decode([t]).encode("utf-8")) for t in ids], dtype=np.int64))
+        i += block
+        block *= 2
     if not ids_parts:
         raise CorpusError("the corpus tokenized to zero tokens; check the tokenizer and the text")
     stream = np.concatenate(ids_parts)

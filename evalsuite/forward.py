@@ -24,15 +24,32 @@ CHUNK_BYTES = {"cuda": 1024 * 2**20, "cpu": 32 * 2**20}
 
 
 class Scorer:
-    """Wraps a loaded model: `chunks(ids)` yields (start, logits (C, V), targets (C,))."""
+    """Wraps a loaded model: `chunks(ids)` yields (start, logits (C, V), targets (C,)) on `device`.
+
+    `device` is the run's device, where the per-token consumers live (the reference logits buffer,
+    the staging tensors). A model sharded over several GPUs (loading.load_model with device_map
+    "auto") takes its input ids on its embedding's device and gives its logits on its LM head's;
+    the Scorer moves ids and logits where they belong, and only when the devices differ: on one
+    device nothing is copied.
+    """
 
     def __init__(self, model: torch.nn.Module, device: torch.device):
         self.model = model
         self.device = device
+        self._home = concrete(device)
         head = model.get_output_embeddings()
         self.vocab_size = int(head.weight.shape[0]) if head is not None else int(model.config.vocab_size)
         self.chunk_tokens = max(1, CHUNK_BYTES.get(device.type, CHUNK_BYTES["cpu"]) // (4 * self.vocab_size))
+        # Devices the parameters sit on (the run's device first): more than one for a sharded model.
+        self.devices = tuple(dict.fromkeys([self._home, *(p.device for p in model.parameters()
+                                                            if p.device.type != "meta")]))
+        self.input_device = _weight_device(_call(model, "get_input_embeddings")) or self._home
+        self.head_device = _weight_device(head) or self._home
         self.split = self._verified_split()
+
+    @property
+    def sharded(self) -> bool:
+        return len(self.devices) > 1
 
     @property
     def logits_path(self) -> str:
@@ -46,8 +63,10 @@ class Scorer:
         return logits
 
     def _body(self, ids: torch.Tensor) -> torch.Tensor:
-        out = self.model.get_decoder()(input_ids=ids, use_cache=False)
-        return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+        """The decoder's last hidden state (B, T, H), on the LM head's device."""
+        out = self.model.get_decoder()(input_ids=_to(ids, self.input_device), use_cache=False)
+        hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+        return _to(hidden, self.head_device)  # once per batch, not once per chunk in the head's hook
 
     @torch.inference_mode()
     def _verified_split(self) -> bool:
@@ -58,10 +77,10 @@ class Scorer:
         if decoder is None or decoder is self.model or self.model.get_output_embeddings() is None:
             return False
         gen = torch.Generator().manual_seed(0)
-        probe = torch.randint(0, self.vocab_size, (1, 12), generator=gen).to(self.device)
+        probe = torch.randint(0, self.vocab_size, (1, 12), generator=gen).to(self.input_device)
         try:
             full = self.model(input_ids=probe, use_cache=False).logits
-            split = self._split_logits(self._body(probe))
+            split = _to(self._split_logits(self._body(probe)), full.device)  # compared where the full forward ends
         except Exception:
             return False
         return full.shape == split.shape and torch.equal(full.isnan(), split.isnan()) and bool(
@@ -70,20 +89,51 @@ class Scorer:
 
     @torch.inference_mode()
     def chunks(self, ids: torch.Tensor) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
-        """ids (B, T+1) on the device: inputs ids[:, :-1], targets ids[:, 1:], flattened row-major."""
-        inputs, targets = ids[:, :-1], ids[:, 1:].reshape(-1)  # (B, T), (B*T,)
+        """ids (B, T+1) on the device: inputs ids[:, :-1], targets ids[:, 1:], flattened row-major.
+
+        Logits and targets are yielded on `self.device`, whichever devices the model spans.
+        """
+        home = self._home
+        inputs, targets = ids[:, :-1], _to(ids[:, 1:].reshape(-1), home)  # (B, T), (B*T,)
         if self.split:
-            hidden = self._body(inputs)  # (B, T, H)
+            hidden = self._body(inputs)  # (B, T, H) on the head's device
             hidden = hidden.reshape(-1, hidden.shape[-1])  # (B*T, H)
             for start in range(0, hidden.shape[0], self.chunk_tokens):
                 stop = min(start + self.chunk_tokens, hidden.shape[0])
-                yield start, self._split_logits(hidden[start:stop]), targets[start:stop]
+                yield start, _to(self._split_logits(hidden[start:stop]), home), targets[start:stop]
         else:
-            logits = self.model(input_ids=inputs, use_cache=False).logits  # (B, T, V)
+            logits = self.model(input_ids=_to(inputs, self.input_device), use_cache=False).logits  # (B, T, V)
             logits = logits.reshape(-1, logits.shape[-1])
             for start in range(0, logits.shape[0], self.chunk_tokens):
                 stop = min(start + self.chunk_tokens, logits.shape[0])
-                yield start, logits[start:stop], targets[start:stop]
+                yield start, _to(logits[start:stop], home), targets[start:stop]
+
+
+def concrete(device: torch.device) -> torch.device:
+    """`device` with its index: "cuda" is the current GPU, as tensors report it (cuda:0)."""
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+def _to(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """x on `device` (a concrete device): x itself where it already is, else one copy (GPU to GPU: no host sync)."""
+    return x if x.device == device else x.to(device)
+
+
+def _call(model: torch.nn.Module, method: str):
+    try:
+        return getattr(model, method)()
+    except (AttributeError, NotImplementedError):
+        return None
+
+
+def _weight_device(module: torch.nn.Module | None) -> torch.device | None:
+    """Where a module's weight sits (None where it has none, or it is offloaded to the meta device)."""
+    weight = getattr(module, "weight", None)
+    if isinstance(weight, torch.Tensor) and weight.device.type != "meta":
+        return weight.device
+    return None
 
 
 @dataclass
@@ -92,6 +142,7 @@ class PassStats:
     seconds: float
     n_tokens: int
     peak_memory_gib: float | None  # CUDA only: peak allocated during the pass, model weights included
+    # (a model sharded over several GPUs: the largest of its GPUs' peaks)
 
 
 OnChunk = Callable[[int, torch.Tensor, torch.Tensor], None]  # (flat token offset, logits (C,V), targets (C,))
@@ -108,11 +159,12 @@ def run_pass(scorer: Scorer, windows: list[np.ndarray], batch_size: int, on_chun
     import time
 
     device = scorer.device
+    gpus = [d for d in getattr(scorer, "devices", (device,)) if d.type == "cuda"]  # all the model's GPUs
     total = sum(len(w) - 1 for w in windows)
     bar = tqdm(total=total, desc=desc, unit="tok", disable=not progress, leave=False, dynamic_ncols=True)
-    _sync(device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+    _sync(gpus)
+    for gpu in gpus:
+        torch.cuda.reset_peak_memory_stats(gpu)
     t0 = time.perf_counter()
     i, offset = 0, 0
     while i < len(windows):
@@ -141,16 +193,16 @@ def run_pass(scorer: Scorer, windows: list[np.ndarray], batch_size: int, on_chun
         offset += n
         i = j
         bar.update(n)
-    _sync(device)
+    _sync(gpus)
     seconds = time.perf_counter() - t0
     bar.close()
-    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    peak = max(torch.cuda.max_memory_allocated(gpu) for gpu in gpus) / 2**30 if gpus else None
     return PassStats(batch_size=batch_size, seconds=seconds, n_tokens=total, peak_memory_gib=peak)
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+def _sync(gpus: list[torch.device]) -> None:
+    for gpu in gpus:
+        torch.cuda.synchronize(gpu)
 
 
 def auto_batch_size(device: torch.device, seq_len: int) -> int:

@@ -4,7 +4,8 @@ Why: computed with torch ops in float64, the per-token KL of a 152k vocabulary s
 150 bytes per logit through memory (two upcasts, two log-softmaxes, exp, products, sums) and
 made the FP16/BF16 passes 5-7x slower than the forward pass itself (BENCHMARKS.md). This kernel
 reads each reference (float32) and test (any float) logit once and keeps every accumulator in
-float64 registers, using the online-softmax recurrence:
+float64 registers (one set per lane, merged at the end of the row), using the online-softmax
+recurrence:
 
     m, Z   running max and sum_v exp(x_v - m)           (rescaled by exp(m_old - m_new))
     S      sum_v exp(x_ref_v - m_ref) * (x_ref_v - x_test_v)
@@ -26,68 +27,82 @@ try:
 except ImportError:  # pragma: no cover - exercised on machines without triton
     triton = None
 
+BLOCK, NUM_WARPS = 512, 4  # lanes per row and warps per program: benchmarks/kernel_tune.py
 N_OUT = 8  # kl, lse_ref, lse_test, max|dlogit|, argmax_ref, argmax_test, nonfinite_test, nonfinite_ref
 
 if triton is not None:
 
     @triton.jit
-    def _rows_kernel(ref_ptr, test_ptr, out_ptr, V: tl.constexpr, stride_ref, stride_test, BLOCK: tl.constexpr):
+    def _lanes_kernel(ref_ptr, test_ptr, out_ptr, V: tl.constexpr, stride_ref, stride_test, BLOCK: tl.constexpr):
+        """One program per row; each of the BLOCK lanes keeps its own online-softmax state.
+
+        No cross-lane reduction inside the loop (a block reduction costs barriers; ~9 of them
+        per step made the first version of this kernel 4x slower): the lanes are merged once at
+        the end. Per logit and side, one float64 exp: with t = exp(-|x - m|), a new maximum
+        rescales the sums (z = z*t + 1), anything else adds to them (z = z + t).
+        """
         row = tl.program_id(0).to(tl.int64)
         ref_row = ref_ptr + row * stride_ref
         test_row = test_ptr + row * stride_test
         neg_inf = float("-inf")
-        m_r = tl.full((), neg_inf, tl.float64)
-        m_t = tl.full((), neg_inf, tl.float64)
-        z_r = tl.zeros((), tl.float64)
-        z_t = tl.zeros((), tl.float64)
-        s = tl.zeros((), tl.float64)
-        dmax = tl.zeros((), tl.float64)
-        best_r = tl.full((), neg_inf, tl.float64)
-        best_t = tl.full((), neg_inf, tl.float64)
-        arg_r = tl.zeros((), tl.int64)
-        arg_t = tl.zeros((), tl.int64)
-        bad_t = tl.zeros((), tl.int64)
-        bad_r = tl.zeros((), tl.int64)
-        for i in range(0, (V + BLOCK - 1) // BLOCK):
-            start = i * BLOCK
+        m_r = tl.full((BLOCK,), neg_inf, tl.float64)
+        m_t = tl.full((BLOCK,), neg_inf, tl.float64)
+        z_r = tl.zeros((BLOCK,), tl.float64)
+        z_t = tl.zeros((BLOCK,), tl.float64)
+        s = tl.zeros((BLOCK,), tl.float64)
+        dmax = tl.zeros((BLOCK,), tl.float64)
+        arg_r = tl.zeros((BLOCK,), tl.int32)
+        arg_t = tl.zeros((BLOCK,), tl.int32)
+        bad_r = tl.zeros((BLOCK,), tl.int32)
+        bad_t = tl.zeros((BLOCK,), tl.int32)
+        for start in range(0, V, BLOCK):
             offs = start + tl.arange(0, BLOCK)
             mask = offs < V
             xr = tl.load(ref_row + offs, mask=mask, other=neg_inf).to(tl.float64)
             xt = tl.load(test_row + offs, mask=mask, other=neg_inf).to(tl.float64)
-            bad_t += tl.sum((mask & ~(tl.abs(xt) < float("inf"))).to(tl.int64), axis=0)
-            bad_r += tl.sum((mask & ~(tl.abs(xr) < float("inf"))).to(tl.int64), axis=0)
-            # argmax: a strictly larger block max moves it, so ties keep the first index
-            blk_r = tl.max(xr, axis=0)
-            idx_r = tl.argmax(xr, axis=0)
-            arg_r = tl.where(blk_r > best_r, start + idx_r.to(tl.int64), arg_r)
-            best_r = tl.maximum(best_r, blk_r)
-            blk_t = tl.max(xt, axis=0)
-            idx_t = tl.argmax(xt, axis=0)
-            arg_t = tl.where(blk_t > best_t, start + idx_t.to(tl.int64), arg_t)
-            best_t = tl.maximum(best_t, blk_t)
-            # online softmax sums
-            new_r = tl.maximum(m_r, blk_r)
-            new_t = tl.maximum(m_t, blk_t)
-            scale_r = tl.exp(m_r - new_r)
-            e_r = tl.exp(xr - new_r)
+            bad_r += (mask & ~(tl.abs(xr) < float("inf"))).to(tl.int32)
+            bad_t += (mask & ~(tl.abs(xt) < float("inf"))).to(tl.int32)
             d = tl.where(mask, xr - xt, 0.0)
-            z_r = z_r * scale_r + tl.sum(e_r, axis=0)
-            s = s * scale_r + tl.sum(e_r * d, axis=0)
-            z_t = z_t * tl.exp(m_t - new_t) + tl.sum(tl.exp(xt - new_t), axis=0)
-            dmax = tl.maximum(dmax, tl.max(tl.abs(d), axis=0))
-            m_r = new_r
-            m_t = new_t
-        lse_r = m_r + tl.log(z_r)
-        lse_t = m_t + tl.log(z_t)
+            dmax = tl.maximum(dmax, tl.abs(d))
+            # reference: max, sum of exp, and sum of exp * (x_ref - x_test), relative to m_r
+            gt = xr > m_r
+            e = tl.where(gt, m_r - xr, xr - m_r)  # <= 0; NaN when both are -inf (weight 0)
+            t = tl.exp(tl.where(e == e, e, neg_inf))
+            z_r = tl.where(gt, z_r * t + 1.0, z_r + t)
+            s = tl.where(gt, s * t + d, s + t * d)
+            arg_r = tl.where(gt, offs, arg_r)
+            m_r = tl.where(gt, xr, m_r)
+            # test: max and sum of exp
+            gt = xt > m_t
+            e = tl.where(gt, m_t - xt, xt - m_t)
+            t = tl.exp(tl.where(e == e, e, neg_inf))
+            z_t = tl.where(gt, z_t * t + 1.0, z_t + t)
+            arg_t = tl.where(gt, offs, arg_t)
+            m_t = tl.where(gt, xt, m_t)
+        # merge the lanes: rescale each lane's sums to the row maximum
+        big_r = tl.max(m_r, axis=0)
+        w = m_r - big_r
+        w = tl.exp(tl.where(w == w, w, neg_inf))  # (BLOCK,)
+        zr = tl.sum(z_r * w, axis=0)
+        sr = tl.sum(s * w, axis=0)
+        big_t = tl.max(m_t, axis=0)
+        w = m_t - big_t
+        w = tl.exp(tl.where(w == w, w, neg_inf))
+        zt = tl.sum(z_t * w, axis=0)
+        # argmax: the lowest index among the lanes that hold the maximum (ties keep the first)
+        first_r = tl.min(tl.where(m_r == big_r, arg_r, V), axis=0)
+        first_t = tl.min(tl.where(m_t == big_t, arg_t, V), axis=0)
+        lse_r = big_r + tl.log(zr)
+        lse_t = big_t + tl.log(zt)
         out = out_ptr + row * 8
-        tl.store(out + 0, s / z_r - lse_r + lse_t)
+        tl.store(out + 0, sr / zr - lse_r + lse_t)
         tl.store(out + 1, lse_r)
         tl.store(out + 2, lse_t)
-        tl.store(out + 3, dmax)
-        tl.store(out + 4, arg_r.to(tl.float64))
-        tl.store(out + 5, arg_t.to(tl.float64))
-        tl.store(out + 6, bad_t.to(tl.float64))
-        tl.store(out + 7, bad_r.to(tl.float64))
+        tl.store(out + 3, tl.max(dmax, axis=0))
+        tl.store(out + 4, first_r.to(tl.float64))
+        tl.store(out + 5, first_t.to(tl.float64))
+        tl.store(out + 6, tl.sum(bad_t, axis=0).to(tl.float64))
+        tl.store(out + 7, tl.sum(bad_r, axis=0).to(tl.float64))
 
 
 def available(device: torch.device) -> bool:
@@ -97,7 +112,7 @@ def available(device: torch.device) -> bool:
     return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def fused_rows(ref: torch.Tensor, test: torch.Tensor, block: int = 2048, num_warps: int = 4) -> torch.Tensor:
+def fused_rows(ref: torch.Tensor, test: torch.Tensor, block: int = BLOCK, num_warps: int = NUM_WARPS) -> torch.Tensor:
     """ref (C, V) float32, test (C, V) any float, unit stride along V -> (C, 8) float64.
 
     Columns: KL(ref||test), lse_ref, lse_test, max |test - ref|, argmax_ref, argmax_test,
@@ -111,5 +126,5 @@ def fused_rows(ref: torch.Tensor, test: torch.Tensor, block: int = 2048, num_war
     c, v = ref.shape
     out = torch.empty((c, N_OUT), dtype=torch.float64, device=ref.device)
     if c:
-        _rows_kernel[(c,)](ref, test, out, v, ref.stride(0), test.stride(0), BLOCK=block, num_warps=num_warps)
+        _lanes_kernel[(c,)](ref, test, out, v, ref.stride(0), test.stride(0), BLOCK=block, num_warps=num_warps)
     return out

@@ -26,6 +26,7 @@ def _quiet_transformers() -> None:
     """Our own progress bars and one-line messages replace transformers' loading chatter."""
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     logging.getLogger("transformers").setLevel(logging.ERROR)
+    logging.getLogger("accelerate").setLevel(logging.ERROR)  # --device-map auto: offloading is refused in one line
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
@@ -73,30 +74,90 @@ def load_tokenizer(source: str, trust_remote_code: bool = False):
 
 
 def load_model(source: str, precision: Precision, device: torch.device, trust_remote_code: bool = False,
-               attn_implementation: str | None = None) -> torch.nn.Module:
-    """Load `source` with its weights cast to `precision`, straight onto `device`, in eval mode."""
+               attn_implementation: str | None = None, device_map: str | None = None,
+               max_memory: dict[int | str, int | str] | None = None) -> torch.nn.Module:
+    """Load `source` with its weights cast to `precision`, in eval mode.
+
+    device_map None: everything straight onto `device`. "auto": accelerate spreads the modules over
+    the visible GPUs (a model too large for one); `device` stays the run's device, where the
+    caller keeps its buffers (forward.Scorer moves the logits there). On a CPU run "auto" may use
+    only the CPU. Offloading to the CPU or to disk is refused: every module must sit on a device
+    that runs it. `max_memory` ({GPU index or "cpu": bytes or "10GiB"}) caps accelerate's
+    placement (tests shard a tiny model with it); only with device_map "auto".
+    """
+    if device_map not in (None, "auto"):
+        raise ModelLoadError(f"device map {device_map!r} is not supported: use 'auto' or none")
+    if max_memory is not None and device_map is None:
+        raise ValueError("max_memory applies only with device_map 'auto'")
     _quiet_transformers()
     from transformers import AutoModelForCausalLM
 
     kwargs: dict[str, object] = {"dtype": precision.dtype, "trust_remote_code": trust_remote_code}
-    if device.type == "cuda":
+    if device_map == "auto":
+        kwargs["device_map"] = "auto"
+        if max_memory is not None:
+            kwargs["max_memory"] = max_memory
+        elif device.type != "cuda":  # a CPU run keeps the model off any GPU that happens to be visible
+            kwargs["max_memory"] = {"cpu": _cpu_memory()}
+    elif device.type == "cuda":
         kwargs["device_map"] = {"": device.index if device.index is not None else 0}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
+    where = "the visible GPUs" if device_map == "auto" and device.type == "cuda" else str(device)
     try:
         model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     except torch.OutOfMemoryError as exc:
+        hint = "use more or larger GPUs" if device_map == "auto" else "use a larger GPU, --device-map auto"
         raise ModelLoadError(
-            f"{source} at {precision.name} does not fit on {device}: use a larger GPU, --device cpu, or fewer dtypes"
+            f"{source} at {precision.name} does not fit on {where}: {hint}, --device cpu, or fewer dtypes"
         ) from exc
     except Exception as exc:
         raise _remote_code_error(source, exc) or ModelLoadError(
             f"could not load model {source} at {precision.name}: {_first_line(exc)}") from exc
-    if device.type != "cuda":
+    if device_map == "auto":
+        offloaded = _offloaded(model)
+        if offloaded:
+            del model
+            unload(None)
+            what = "the whole model" if offloaded == ["(model)"] else \
+                f"{len(offloaded)} module(s) ({', '.join(offloaded[:3])}{', ...' if len(offloaded) > 3 else ''})"
+            hint = "use more or larger GPUs" if device.type == "cuda" else "free memory, or use GPUs"
+            raise ModelLoadError(f"{source} at {precision.name} does not fit on {where}: accelerate would offload "
+                                 f"{what} to the CPU or disk, which evalsuite does not run; {hint}")
+    elif device.type != "cuda":
         model.to(device)
     model.eval()
     model.requires_grad_(False)
     return model
+
+
+def _cpu_memory() -> int:
+    """Bytes of memory available now (what accelerate would assume for the CPU)."""
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def _offloaded(model: torch.nn.Module) -> list[str]:
+    """Modules accelerate offloaded (to the CPU for a GPU run, or to disk): their weights wait on the meta device."""
+    meta = [n for n, p in model.named_parameters() if p.device.type == "meta"]
+    if not meta:
+        return []
+    hf_map = getattr(model, "hf_device_map", None) or {}
+    names = [name or "(model)" for name, where in hf_map.items() if where in ("cpu", "disk")
+             and any(p.device.type == "meta" for p in model.get_submodule(name).parameters())]
+    return names or meta
+
+
+def placement(model: torch.nn.Module) -> dict[str, int]:
+    """Where the model's parameters are: {device: number of parameters}, tied weights once.
+
+    E.g. {"cuda:0": 3_800_000_000, "cuda:1": 3_200_000_000} for a model sharded by --device-map
+    auto; one entry for a model on one device. For the run's provenance.
+    """
+    counts: Counter[torch.device] = Counter()
+    for p in model.parameters():  # shared (tied) parameters are listed once
+        counts[p.device] += p.numel()
+    order = sorted(counts, key=lambda d: (d.type != "cuda", d.type, -1 if d.index is None else d.index))
+    return {str(d): counts[d] for d in order}
 
 
 def unload(model: torch.nn.Module | None) -> None:

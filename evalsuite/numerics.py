@@ -73,7 +73,8 @@ class NumericsObserver:
         reference = ctx.role == "reference"
         if reference and ctx.segment == 0:
             self.stored = stored_dtype(self.source or getattr(ctx.model, "name_or_path", "") or "")
-            self._weights_pending = conversion_stats(ctx.model, self.tests, self.stored)
+            # every other dtype, not only this run's: a cached reference serves runs of other dtypes
+            self._weights_pending = conversion_stats(ctx.model, self._convertible(), self.stored)
             self.sample = self._new_sample(ctx, watched)
         sample = None
         if ctx.segment == 0 and self.sample is not None:
@@ -140,7 +141,7 @@ class NumericsObserver:
             entry["hist"] = entry["hist"] + hist
         if self.first_failure.get(name) is None:
             self.first_failure[name] = c.get("failure")
-        if c.get("layer_errors") is not None:
+        if c.get("layer_errors") is not None and name not in self.layer_errors:  # rank 0's sample comes first
             self.layer_errors[name] = [LayerError(**e) for e in c["layer_errors"]]
 
     def finish(self, metrics_by_dtype: dict[str, dict]) -> tuple[dict, dict]:
@@ -170,6 +171,9 @@ class NumericsObserver:
         return additions, {"numerics": self._section(ran, near, verdicts)}
 
     # -- helpers ---------------------------------------------------------------------------
+    def _convertible(self) -> list[Precision]:
+        return [p for p in DTYPES.values() if p != self.reference and p.dtype.is_floating_point]
+
     def _new_sample(self, ctx, watched) -> LayerSample | None:
         n_layers = sum(w.kind == "layer" for w in watched)
         emb = next((w.module for w in watched if w.kind == "embedding"), None)
@@ -232,7 +236,8 @@ class NumericsObserver:
                          "layer_sample": {"max_tokens": SAMPLE_TOKENS, "max_bytes": SAMPLE_BYTES, **self.sample_info},
                          "thresholds": asdict(self.thresholds)},
             "weights": {"stored_dtype": self.stored,
-                        "by_dtype": {p: summarize(t, self.stored, DTYPES[p])[1] for p, t in (self.weights or {}).items()}},
+                        "by_dtype": {p: summarize(t, self.stored, DTYPES[p])[1] for p, t in (self.weights or {}).items()
+                                     if p in {q.name for q in ran}}},
             "activations": activations,
             "activation_headroom": chart,
             "near_overflow": {d: rows[:NEAR_OVERFLOW_LISTED] for d, rows in near.items()},

@@ -16,6 +16,10 @@ to a per-module histogram of |x| with `HIST_BINS_PER_BIT` bins per power of two 
 float32 bit pattern), from which a high percentile is read to within one bin; the histogram sees
 at most `HIST_SAMPLE` elements per call (every k-th row of the output, so a (C, V) logits chunk
 costs no more than a hidden state).
+A model sharded over several GPUs (--device-map auto) calls each hook on its module's GPU: the
+absmax stays there until the batch is closed (one stack and one copy per GPU per batch), and each
+GPU gets its own histogram, added into the recorder's device's at the end: no whole activation
+crosses devices, and no hook syncs with the host.
 Execution order is the order of each module's first call: a decoder layer finishes after its
 attention, MLP and norms, so "first non-finite module" means the first output a user could
 see turn inf/NaN.
@@ -141,6 +145,8 @@ class Recorder:
         self.watched, self.device, self.capture = watched, device, capture
         self.hist = torch.zeros((len(watched), HIST_BINS), dtype=torch.int64,
                                 device=device) if histogram else None
+        # histograms per device the hooks run on (a sharded model): added into self.hist in finish()
+        self._hists: dict[torch.device, torch.Tensor] = {} if self.hist is None else {self.hist.device: self.hist}
         self.order: list[int] = []  # module indices in order of first call
         self._seen: set[int] = set()
         self._vals: list[torch.Tensor] = []  # 0-d absmax tensors of the current batch
@@ -170,14 +176,31 @@ class Recorder:
             self._vals.append(torch.linalg.vector_norm(x, float("inf")))
             self._idx.append(i)
             if self.hist is not None:
-                self.hist[i].add_(magnitude_histogram(x))
+                counts = magnitude_histogram(x)  # on x's device
+                self._hist_on(counts.device)[i].add_(counts)
             if slot is not None and self.capture is not None:
                 self.capture(slot, x)
         return hook
 
+    def _hist_on(self, device: torch.device) -> torch.Tensor:
+        hist = self._hists.get(device)
+        if hist is None:  # first call of a module on another GPU: an allocation, no sync
+            hist = self._hists[device] = torch.zeros_like(self.hist, device=device)
+        return hist
+
     def _close_batch(self) -> None:
         if self._vals and self._offset is not None:
-            self._batches.append((self._offset, torch.stack(self._vals).float(), self._idx))
+            devices = list(dict.fromkeys(v.device for v in self._vals))
+            if len(devices) == 1:
+                values, idx = torch.stack(self._vals).float().to(self.device), self._idx
+            else:  # a sharded model: one stack and one copy per device, the module indices reordered alike
+                parts, idx = [], []
+                for d in devices:
+                    pos = [k for k, v in enumerate(self._vals) if v.device == d]
+                    parts.append(torch.stack([self._vals[k] for k in pos]).float().to(self.device))
+                    idx += [self._idx[k] for k in pos]
+                values = torch.cat(parts)
+            self._batches.append((self._offset, values, idx))
         self._vals, self._idx = [], []
 
     def start_batch(self, offset: int) -> None:
@@ -187,6 +210,10 @@ class Recorder:
     def finish(self) -> tuple[list[tuple[int, np.ndarray]], np.ndarray | None]:
         """([(token offset, absmax per watched module (M,), NaN -> inf, 0 = not called)], histograms (M, bins))."""
         self._close_batch()
+        for d, other in list(self._hists.items()):
+            if other is not self.hist:  # histograms of modules on other GPUs
+                self.hist.add_(other.to(self.hist.device))
+                del self._hists[d]
         if not self._batches:
             return [], (self.hist.cpu().numpy() if self.hist is not None else None)
         flat = torch.cat([b[1] for b in self._batches])

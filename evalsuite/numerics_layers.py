@@ -71,7 +71,9 @@ class LayerSample:
             return
         j0, j1, start = self._window
         flat = x.reshape(-1, self.hidden)  # (B*T, H), a view of a contiguous (B, T, H)
-        self.buf[slot, j0:j1] = flat[start :: self.stride][: j1 - j0]
+        # copy_ casts, and moves the sampled rows alone when x sits on another GPU than the
+        # buffer (a sharded model's later layers): GPU to GPU, with no host sync
+        self.buf[slot, j0:j1].copy_(flat[start :: self.stride][: j1 - j0])
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ conversion changes, and those the round trip (stored -> served -> stored) does n
 
 Large tensors are processed in slices of `SLICE` elements, so the temporaries stay bounded
 (a 256k x 8192 embedding is 2 G elements). Each tensor's counts stay on the device until all
-are done: one host sync for the whole model.
+are done: one host sync for the whole model (one per GPU for a model sharded over several).
 """
 
 from __future__ import annotations
@@ -116,10 +116,20 @@ def conversion_stats(model: torch.nn.Module, tests: list[Precision], stored: str
     """{dtype name: [TensorConversion per parameter tensor]} for each test dtype (tied weights once)."""
     store = _stored_precision(stored)
     named = [(n, t) for n, t in model.named_parameters() if t.is_floating_point()]
+    if not tests:
+        return {}
+    # Each tensor's statistics are computed where it sits; a model sharded over several GPUs gives
+    # one (P_d, D, F) stack per GPU, all launched before the first host copy (one per GPU).
+    by_device: dict[torch.device, list[int]] = {}
+    for k, (_, t) in enumerate(named):
+        by_device.setdefault(t.device, []).append(k)
     with torch.no_grad():
-        vectors = torch.stack([torch.stack([tensor_stats(t, p, store) for p in tests]) for _, t in named]) \
-            if named and tests else None  # (P, D, F)
-    rows = vectors.cpu().tolist() if vectors is not None else []
+        stacks = [(ks, torch.stack([torch.stack([tensor_stats(named[k][1], p, store) for p in tests])
+                                    for k in ks])) for ks in by_device.values()]  # (P_d, D, F) each
+    rows: list = [None] * len(named)
+    for ks, vectors in stacks:
+        for k, v in zip(ks, vectors.cpu().tolist(), strict=True):
+            rows[k] = v
     out: dict[str, list[TensorConversion]] = {p.name: [] for p in tests}
     for (name, _), per_dtype in zip(named, rows, strict=True):
         for p, v in zip(tests, per_dtype, strict=True):

@@ -140,11 +140,11 @@ def _flush(staged: dict[str, torch.Tensor], arrays: TokenArrays, offset: int) ->
         getattr(arrays, k)[offset : offset + len(t)] = t.cpu().numpy()
 
 
-def noise_pass(cfg: RunConfig, scorer: Scorer, seg_windows, buffer, batch: int) -> TokenArrays:
-    """A second reference pass that differs only in batch layout: the run's noise floor."""
+def noise_pass(cfg: RunConfig, scorer: Scorer, seg_windows, buffer, batch: int, limit: int) -> TokenArrays:
+    """A second reference pass over at most `limit` tokens that differs only in batch layout: the noise floor."""
     chosen, count = [], 0
     for w in seg_windows:
-        if chosen and count + len(w) - 1 > cfg.noise_tokens:
+        if chosen and count + len(w) - 1 > limit:
             break
         chosen.append(w)
         count += len(w) - 1

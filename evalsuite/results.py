@@ -84,10 +84,11 @@ def from_dict(data: dict[str, Any]) -> RunResults:
         raise ResultsError(f"results file is missing or has malformed fields ({exc}); re-run the evaluation") from exc
 
 
-def atomic_write(path: Path, write) -> None:
+def atomic_write(path: Path, write, durable: bool = True) -> None:
     """Call `write(binary_file)` on a temporary file, fsync, then rename over `path`.
 
     A kill at any moment leaves either the old file or the new one, never half of one.
+    `durable=False` skips the fsync (gigabytes of logits that are verified when read back).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -96,7 +97,8 @@ def atomic_write(path: Path, write) -> None:
         with os.fdopen(fd, "wb") as fh:
             write(fh)
             fh.flush()
-            os.fsync(fh.fileno())
+            if durable:
+                os.fsync(fh.fileno())
         os.chmod(tmp, 0o644)  # mkstemp's 0600 would make shared reports unreadable to others
         os.replace(tmp, path)
     except BaseException:

@@ -1,88 +1,45 @@
-"""The run loop: reference first, then each test dtype, one model on the device at a time.
+"""`run`: one evaluation from a config to results — setup, the pass loop, the gather, the summary.
 
-How the test dtypes see the reference without both models resident: the reference's FP32
-logits for a *segment* of windows are kept on the device in a buffer sized to free memory;
-the reference model is then unloaded and each test dtype is loaded in turn and compared
-against the buffer. A corpus larger than one buffer is processed segment by segment (each
-model loaded once per segment). The stored logits are the reference's exact float32 values,
-so the comparison is identical to holding both models at once (tests/test_runner.py measures
-this against an all-in-memory float64 computation).
-
-Every finished pass is saved in `<out>/.state` (state.py), so a killed run resumes without
-recomputing the reference or the dtypes it had finished.
+The loop itself (reference first, then each test dtype, one model resident at a time; segments;
+resume) is passloop.py; the reference cache is refcache.py; data-parallel ranks are
+distributed.py. This module wires them together and records where the time went.
 """
 
 from __future__ import annotations
 
-import os
-import signal
-import sys
 import time
-from functools import partial
+from dataclasses import replace
 
-import numpy as np
 import torch
 
 import evalsuite
 from evalsuite import corpus as corpus_mod
-from evalsuite import kernels
+from evalsuite import distributed, kernels
 from evalsuite.config import RunConfig, resolve_device
 from evalsuite.errors import EvalsuiteError, UsageError
-from evalsuite.forward import Scorer, auto_batch_size
-from evalsuite.loading import check_model_source, load_model, load_tokenizer, stored_dtype, unload
-from evalsuite.passes import (
-    PassContext,
-    TokenArrays,
-    compare,
-    keep_reference,
-    noise_pass,
-    staging,
-    timed_pass,
-)
-from evalsuite.precision import Precision, exact_fp32, numeric_flags, unsupported_reason
+from evalsuite.forward import auto_batch_size
+from evalsuite.loading import check_model_source, load_tokenizer, stored_dtype
+from evalsuite.passes import PassContext, TokenArrays
+from evalsuite.passloop import QUIET, Loop, say
+from evalsuite.precision import DTYPES, Precision, unsupported_reason
+from evalsuite.refcache import ReferenceCache, cache_fields, checkpoint_digest, tokens_digest
 from evalsuite.state import RunState, model_signature
 from evalsuite.summary import build_results
 
+__all__ = ["run", "say"]
 
-def say(message: str) -> None:
-    print(f"evalsuite: {message}", file=sys.stderr, flush=True)
-
-
-def _segments(windows: list[np.ndarray], max_tokens: int) -> list[tuple[int, int, int]]:
-    """Consecutive window ranges (first, last+1, token offset) each with <= max_tokens tokens."""
-    out, first, offset, count = [], 0, 0, 0
-    for i, w in enumerate(windows):
-        n = len(w) - 1
-        if count and count + n > max_tokens:
-            out.append((first, i, offset))
-            first, offset, count = i, offset + count, 0
-        count += n
-    out.append((first, len(windows), offset))
-    return out
+NOISE_SHARE = 8  # a large run's noise-floor pass re-scores at most 1/NOISE_SHARE of its tokens ...
+NOISE_MIN = 4096  # ... but a small run's up to this many (it is cheap there)
 
 
-def _buffer_tokens(cfg: RunConfig, device: torch.device, vocab: int, n_tokens: int) -> int:
-    if cfg.buffer_gib is not None:
-        budget = cfg.buffer_gib * 2**30
-    elif device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        budget = 0.5 * free  # the rest: activations and (C, V) chunk temporaries
-    else:
-        avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-        budget = 0.35 * avail
-    return int(max(cfg.seq_len, min(n_tokens, budget // (4 * vocab))))
+def noise_budget(requested: int, n_tokens: int, world: int = 1) -> int:
+    """Tokens of the noise-floor pass on one rank: <= --noise-tokens, and a small share of a large run.
 
-
-def _load(cfg: RunConfig, source: str, precision: Precision, device: torch.device):
-    t0 = time.perf_counter()
-    model = load_model(source, precision, device, cfg.trust_remote_code, cfg.attn_implementation)
-    return model, time.perf_counter() - t0
-
-
-def _fault(name: str) -> None:
-    """Fault injection for the interruption tests: EVALSUITE_FAULT=kill-after:<pass name>."""
-    if os.environ.get("EVALSUITE_FAULT") == f"kill-after:{name}":
-        os.kill(os.getpid(), signal.SIGKILL)
+    The noise pass repeats the reference, the most expensive pass: at 7B its full 32k tokens would
+    add a quarter to a 130k-token run. An eighth of the tokens measures a floor that sits orders of
+    magnitude below any dtype's divergence just as well.
+    """
+    return min(requested // world, max(n_tokens // NOISE_SHARE, min(n_tokens, NOISE_MIN)))
 
 
 def _state_fields(cfg: RunConfig, source: str, device: torch.device, corpus_identity: dict) -> dict:
@@ -93,31 +50,36 @@ def _state_fields(cfg: RunConfig, source: str, device: torch.device, corpus_iden
             "batch_size": cfg.batch_size, "noise_tokens": cfg.noise_tokens, "buffer_gib": cfg.buffer_gib,
             "attn": cfg.attn_implementation, "device": str(device), "numerics": cfg.numerics,
             "headroom_margin_bits": cfg.headroom_margin_bits, "tasks": list(cfg.tasks),
-            "num_fewshot": cfg.num_fewshot, "limit": cfg.limit}
+            "num_fewshot": cfg.num_fewshot, "limit": cfg.limit, "device_map": cfg.device_map}
 
 
-def run(cfg: RunConfig, source: str, observers: tuple = (), resume: bool = False, fresh: bool = False,
-        write_outputs=None):
-    """Evaluate `source` per `cfg`; return (`RunResults`, per-token arrays by name).
+def _open_cache(cfg: RunConfig, source: str, device: torch.device, windows, observers, batch: int,
+                noise_tokens: int, dist, timing: dict) -> tuple[ReferenceCache | None, dict]:
+    """The reference cache entry for this run's key, or None (off, or the checkpoint can't be hashed)."""
+    if cfg.reference_cache is None:
+        return None, {"status": "off"}
+    t0 = time.perf_counter()
+    digest = checkpoint_digest(source, cfg.reference_cache / "checkpoint-digests.json")
+    timing["checkpoint_hash_s"] = round(time.perf_counter() - t0, 3)
+    if digest is None:
+        say(f"reference cache not used: the files of {source} are not on this machine to hash")
+        return None, {"status": "off", "reason": "checkpoint files not found locally"}
+    fields = cache_fields({
+        "checkpoint_sha256": digest, "tokens_sha256": tokens_digest(windows.windows), "context": windows.context,
+        "reference": cfg.reference.name, "batch_size": batch, "noise_tokens": noise_tokens,
+        "buffer_gib": cfg.buffer_gib, "attn": cfg.attn_implementation, "device_map": cfg.device_map,
+        "observers": [[type(o).__name__, getattr(o, "signature", None)] for o in observers],
+        "rank": [dist.rank, dist.world] if dist else None,
+    }, device)
+    try:
+        cache = ReferenceCache(cfg.reference_cache, fields, cfg.reference_cache_gib, writer=None)
+    except OSError as exc:
+        say(f"reference cache not used: cannot write {cfg.reference_cache} ({exc.strerror})")
+        return None, {"status": "off", "reason": f"cannot write {cfg.reference_cache}"}
+    return cache, {"dir": str(cache.dir), "key": cache.key, "checkpoint_sha256": digest}
 
-    With `resume`, finished passes are kept in `<cfg.out_dir>/.state` and reused by a rerun
-    (`fresh` discards them first); `write_outputs(results, per_token)` is then called before the
-    state is removed, so a kill at any moment leaves either the state or the results.
 
-    `observers` are plain objects with any of these methods (docs/extending.md), called with the
-    model resident: pass_started(ctx), batch_started(offset, ids (B, T+1)), pass_finished(ctx),
-    and finish(metrics by dtype) -> (metric additions by dtype, extra result sections); for
-    resume, snapshot(ctx) -> JSON-able and restore(ctx_without_model, snapshot).
-    """
-    torch.manual_seed(cfg.seed)
-    device = resolve_device(cfg.device)
-    check_model_source(source)
-    tokenizer = load_tokenizer(source, cfg.trust_remote_code)
-    texts, corpus_identity = corpus_mod.load_texts(cfg.corpus)
-    windows = corpus_mod.tokenize(texts, tokenizer, cfg.seq_len, cfg.max_tokens)
-    n = windows.n_tokens
-    say(f"{n} tokens in {len(windows.windows)} windows of up to {cfg.seq_len} ({windows.context} context)")
-
+def _tests_and_skipped(cfg: RunConfig, device: torch.device) -> tuple[list[Precision], dict[str, str]]:
     tests: list[Precision] = []
     skipped: dict[str, str] = {}
     for p in cfg.dtypes:
@@ -130,16 +92,105 @@ def run(cfg: RunConfig, source: str, observers: tuple = (), resume: bool = False
     ref_reason = unsupported_reason(cfg.reference, device)
     if ref_reason:
         raise UsageError(f"reference {cfg.reference.name} cannot run here ({ref_reason}); use --reference fp32")
+    return tests, skipped
 
-    state = RunState(cfg.out_dir, _state_fields(cfg, source, device, corpus_identity), enabled=resume, fresh=fresh)
-    loop = _Loop(cfg, source, device, tokenizer, windows, tests, observers, state)
-    loop.run_all()
-    if loop.resumed:
-        say(f"resumed: reused the saved {', '.join(sorted(loop.resumed))} passes from {state.root}")
 
+def run(cfg: RunConfig, source: str, observers: tuple = (), resume: bool = False, fresh: bool = False,
+        write_outputs=None):
+    """Evaluate `source` per `cfg`; return (`RunResults`, per-token arrays by name).
+
+    With `resume`, finished passes are kept in `<cfg.out_dir>/.state` and reused by a rerun
+    (`fresh` discards them first); `write_outputs(results, per_token)` is then called before the
+    state is removed, so a kill at any moment leaves either the state or the results.
+    Under torchrun (WORLD_SIZE > 1) every rank calls this; rank 0 returns the results of the
+    whole corpus, the other ranks return (None, None).
+
+    `observers` are plain objects with any of these methods (docs/extending.md), called with the
+    model resident: pass_started(ctx), batch_started(offset, ids (B, T+1)), pass_finished(ctx),
+    and finish(metrics by dtype) -> (metric additions by dtype, extra result sections); for
+    resume, the reference cache and data-parallel ranks, snapshot(ctx) -> JSON-able and
+    restore(ctx_without_model, snapshot).
+    """
+    t_start = time.perf_counter()
+    timing: dict[str, float] = {}
+    dist = distributed.from_env()
+    device_name = cfg.device
+    if dist is not None:
+        distributed.init(dist)
+        device_name = distributed.rank_device(dist, cfg.device)
+        QUIET["on"] = dist.rank != 0
+        if dist.rank != 0:
+            cfg = replace(cfg, progress=False)
+    torch.manual_seed(cfg.seed)
+    device = resolve_device(device_name)
+    check_model_source(source)
+    tokenizer = load_tokenizer(source, cfg.trust_remote_code)
+    t0 = time.perf_counter()
+    texts, corpus_identity = corpus_mod.load_texts(cfg.corpus)
+    windows = corpus_mod.tokenize(texts, tokenizer, cfg.seq_len, cfg.max_tokens)
+    timing["tokenize_s"] = round(time.perf_counter() - t0, 3)
+    n = windows.n_tokens
+    say(f"{n} tokens in {len(windows.windows)} windows of up to {cfg.seq_len} ({windows.context} context)")
+    mine = windows
+    if dist is not None:
+        first, last = distributed.share(len(windows.windows), dist)
+        lo = sum(len(w) - 1 for w in windows.windows[:first])
+        sub = windows.windows[first:last]
+        mine = replace(windows, windows=sub, target_bytes=windows.target_bytes[lo:lo + sum(len(w) - 1 for w in sub)])
+        if not sub:
+            raise UsageError(f"{dist.world} ranks but only {len(windows.windows)} windows: use fewer processes")
+        say(f"data-parallel: {dist.world} ranks, about {mine.n_tokens} tokens each")
+
+    tests, skipped = _tests_and_skipped(cfg, device)
+    batch = cfg.batch_size or auto_batch_size(device, cfg.seq_len)
+    world = dist.world if dist else 1
+    noise_tokens = noise_budget(cfg.noise_tokens, mine.n_tokens, world)
+    fields = _state_fields(cfg, source, device, corpus_identity)
+    if dist is not None:
+        fields["rank"] = [dist.rank, dist.world]
+    state = RunState(cfg.out_dir, fields, enabled=resume, fresh=fresh,
+                     subdir=f"rank{dist.rank}" if dist else None)
+    cache, cache_info = _open_cache(cfg, source, device, mine, observers, batch, noise_tokens, dist, timing)
+    loop = Loop(cfg, source, device, tokenizer, mine, tests, observers, state, cache, batch, noise_tokens,
+                collect_snapshots=dist is not None and dist.rank != 0)
+    if cache is not None:
+        cache.writer = loop.writer
+    error = None
+    try:
+        loop.run_all()
+    except EvalsuiteError as exc:
+        if dist is None:
+            raise
+        error = (exc.exit_code, str(exc))
+    finally:
+        t0 = time.perf_counter()
+        loop.writer.join()  # the reference cache / resume files are complete before anything ends
+        timing["write_wait_s"] = round(time.perf_counter() - t0, 3)
+    if cache is not None:
+        cache_info["status"] = "hit" if loop.cached_reference else "stored"
+        if cache.problem:
+            cache_info["problem"] = cache.problem
+        if loop.cached_reference:
+            say(f"reference {cfg.reference.name} read from the cache {cache.dir} (no reference pass)")
+    if dist is not None:
+        parts = distributed.gather(dist, {"error": error, **_payload(loop)})
+        distributed.finish(dist)
+        if dist.rank != 0:
+            if error is not None:
+                raise EvalsuiteError(error[1])
+            return None, None
+        distributed.check_errors(parts)
+        _merge(loop, parts, windows)
+        loop.prov["data_parallel"] = {"world_size": dist.world, "gather": "gloo",
+                                      "tokens_per_rank": [p["n_tokens"] for p in parts]}
+    if loop.resumed - {cfg.reference.name} or (loop.resumed and not loop.cached_reference):
+        say(f"resumed: reused the saved {', '.join(sorted(loop.resumed))} passes")
+
+    timing["total_s"] = round(time.perf_counter() - t_start, 3)
     prov = {**loop.prov, "batch_size": loop.batch, "device": str(device), "stored_dtype": stored_dtype(source),
             "divergence_path": "fused-triton-float64" if kernels.available(device) else "torch-float64",
-            "resumed_passes": sorted(loop.resumed)}
+            "resumed_passes": sorted(loop.resumed), "reference_cache": cache_info, "run_timing": timing,
+            "device_map": cfg.device_map}
     results = build_results(cfg, source, device, tokenizer, windows, corpus_identity, loop.ref, loop.noise,
                             loop.arrays, skipped, loop.failed, prov)
     for obs in observers:
@@ -158,147 +209,35 @@ def run(cfg: RunConfig, source: str, observers: tuple = (), resume: bool = False
     if write_outputs is not None:
         write_outputs(results, per_token)
     if not loop.failed:  # a failed dtype keeps the state, so a rerun retries only that dtype
-        state.finish()
+        state.finish(everything=dist is not None)  # rank 0 removes every rank's state
     return results, per_token
 
 
-class _Loop:
-    """The segment loop's state in one place (it spans several passes and a resume)."""
-
-    def __init__(self, cfg, source, device, tokenizer, windows, tests, observers, state: RunState):
-        self.cfg, self.source, self.device, self.tokenizer = cfg, source, device, tokenizer
-        self.windows, self.tests, self.observers, self.state = windows, tests, observers, state
-        n = windows.n_tokens
-        self.ref = TokenArrays.empty(n, divergence=False)
-        self.arrays = {p.name: TokenArrays.empty(n, divergence=True) for p in tests}
-        self.failed: dict[str, str] = {}
-        self.noise: TokenArrays | None = None
-        self.prov: dict[str, object] = {}
-        self.batch = cfg.batch_size or auto_batch_size(device, cfg.seq_len)
-        self.segments: list[tuple[int, int, int]] | None = None
-        self.resumed: set[str] = set()  # dtypes whose saved passes were reused
-        plan = state.plan()
-        if plan is not None:
-            self.segments = [tuple(s) for s in plan["segments"]]
-            self.batch = plan["batch"]
-            self.prov.update(plan["prov"])
-
-    def _ctx(self, p: Precision, role: str, model, seg: int) -> PassContext:
-        return PassContext(p, role, model, self.tokenizer, self.device, self.cfg, self.windows, seg,
-                           self.segments[seg], self.batch)
-
-    def _restore(self, seg: int, name: str, arrays: TokenArrays, p: Precision, role: str) -> None:
-        saved, meta = self.state.load(seg, name)
-        self.resumed.add(p.name)
-        offset = self.segments[seg][2]
-        arrays.restore(offset, {k: v for k, v in saved.items() if not k.startswith("noise/")},
-                       meta["timing"], meta["batch_size"])
-        if role == "reference" and seg == 0 and "noise/kl" in saved:
-            noise = {k[6:]: v for k, v in saved.items() if k.startswith("noise/")}
-            self.noise = TokenArrays.empty(len(noise["kl"]), divergence=True)
-            self.noise.restore(0, noise, meta["noise_timing"], meta["noise_batch_size"])
-        ctx = self._ctx(p, role, None, seg)
-        for obs, snap in zip(self.observers, meta.get("observers", []), strict=False):
-            if snap is not None and hasattr(obs, "restore"):
-                obs.restore(ctx, snap)
-
-    def _snapshots(self, ctx: PassContext) -> list:
-        if not self.state.enabled:  # nothing will be saved: don't encode the observers' state
-            return []
-        return [obs.snapshot(ctx) if hasattr(obs, "snapshot") else None for obs in self.observers]
-
-    def run_all(self) -> None:
-        seg = 0
-        while self.segments is None or seg < len(self.segments):
-            todo = [p for p in self.tests if p.name not in self.failed and not self.state.has(seg, p.name)]
-            buffer = self._reference(seg, need_logits=bool(todo))
-            for p in self.tests:
-                if p not in todo and p.name not in self.failed:
-                    self._restore(seg, p.name, self.arrays[p.name], p, "test")
-            for p in todo:
-                self._test(seg, p, buffer)
-            del buffer
-            unload(None)
-            if all(self.state.has(seg, p.name) for p in self.tests):
-                self.state.drop_logits(seg)
-            seg += 1
-
-    def _reference(self, seg: int, need_logits: bool) -> torch.Tensor | None:
-        cfg, ref_name = self.cfg, self.cfg.reference.name
-        if self.segments is not None and self.state.has(seg, "reference"):
-            self._restore(seg, "reference", self.ref, cfg.reference, "reference")
-            return self.state.load_logits(seg, self.device) if need_logits else None
-        model, load_s = _load(cfg, self.source, cfg.reference, self.device)
-        self.ref.timing["load_s"] += load_s
-        with exact_fp32() as ref_flags:
-            scorer = Scorer(model, self.device)
-            if self.segments is None:
-                buffer_tokens = _buffer_tokens(cfg, self.device, scorer.vocab_size, self.windows.n_tokens)
-                self.segments = _segments(self.windows.windows, buffer_tokens)
-                self.prov.update(reference_flags=ref_flags, logits_path=scorer.logits_path,
-                                 chunk_tokens=scorer.chunk_tokens, buffer_tokens=buffer_tokens,
-                                 n_segments=len(self.segments),
-                                 attn_implementation=getattr(model.config, "_attn_implementation", None))
-                if len(self.segments) > 1:
-                    say(f"reference logits kept in {len(self.segments)} segments of <= {buffer_tokens} tokens")
-            first, last, offset = self.segments[seg]
-            seg_windows = self.windows.windows[first:last]
-            seg_tokens = sum(len(w) - 1 for w in seg_windows)
-            buffer = torch.empty((seg_tokens, scorer.vocab_size), dtype=torch.float32, device=self.device)
-            ctx = self._ctx(cfg.reference, "reference", model, seg)
-            staged = staging(seg_tokens, self.device, divergence=False)
-            before = self.ref.timing["pass_s"]
-            self.batch = timed_pass(ctx, scorer, seg_windows, partial(keep_reference, buffer, staged), staged,
-                                    self.ref, self.observers, f"{ref_name} (reference)")
-            saved = self.ref.segment(offset, seg_tokens)
-            meta = {"timing": _timing(self.ref, load_s, before),
-                    "batch_size": self.batch, "observers": self._snapshots(ctx)}
-            if seg == 0:
-                self.noise = noise_pass(cfg, scorer, seg_windows, buffer, self.batch)
-                saved.update({f"noise/{k}": v for k, v in self.noise.segment(0, len(self.noise.kl)).items()})
-                meta.update(noise_timing=self.noise.timing, noise_batch_size=self.noise.batch_size)
-        del scorer, ctx, staged
-        unload(model)
-        self.state.save_plan({"segments": self.segments, "batch": self.batch, "prov": self.prov})
-        if need_logits:
-            self.state.save_logits(seg, buffer)
-        self.state.save(seg, "reference", saved, meta)  # last: "reference done" implies its logits exist
-        _fault(ref_name)
-        return buffer if need_logits else None
-
-    def _test(self, seg: int, p: Precision, buffer: torch.Tensor) -> None:
-        test = self.arrays[p.name]
-        try:
-            model, load_s = _load(self.cfg, self.source, p, self.device)
-        except Exception as exc:
-            self.failed[p.name] = str(exc)
-            say(f"{p.name} failed: {exc}; the other dtypes go on")
-            return
-        test.timing["load_s"] += load_s
-        self.prov.setdefault("test_flags", numeric_flags())
-        scorer = Scorer(model, self.device)
-        first, last, offset = self.segments[seg]
-        seg_windows = self.windows.windows[first:last]
-        ctx = self._ctx(p, "test", model, seg)
-        staged = staging(len(buffer), self.device, divergence=True)
-        before = test.timing["pass_s"]
-        try:
-            timed_pass(ctx, scorer, seg_windows, partial(compare, buffer, staged), staged, test, self.observers, p.name)
-        except EvalsuiteError as exc:  # e.g. out of memory even at batch size 1: the others go on
-            self.failed[p.name] = str(exc)
-            say(f"{p.name} failed: {exc}; the other dtypes go on")
-        else:
-            meta = {"timing": _timing(test, load_s, before), "batch_size": test.batch_size,
-                    "observers": self._snapshots(ctx)}
-            self.state.save(seg, p.name, test.segment(offset, len(buffer)), meta)
-        del scorer, ctx, staged
-        unload(model)
-        _fault(p.name)
+def _payload(loop: Loop) -> dict:
+    """What a rank sends to rank 0: its per-token arrays and its observers' findings."""
+    return {"n_tokens": loop.windows.n_tokens, "ref": loop.ref, "noise": loop.noise, "arrays": loop.arrays,
+            "failed": loop.failed, "resumed": sorted(loop.resumed), "snapshots": loop.collected or [],
+            "cached_reference": loop.cached_reference}
 
 
-def _timing(arrays: TokenArrays, load_s: float, pass_s_before: float) -> dict:
-    """This segment's share of a dtype's timing (the arrays accumulate over segments)."""
-    t = {"load_s": load_s, "pass_s": arrays.timing["pass_s"] - pass_s_before}
-    if "peak_memory_gib" in arrays.timing:
-        t["peak_memory_gib"] = arrays.timing["peak_memory_gib"]
-    return t
+def _merge(loop: Loop, parts: list[dict], windows) -> None:
+    """Rank 0: the whole corpus's arrays in window order, and every rank's findings in its observers."""
+    from evalsuite.distributed import concat_arrays
+
+    loop.ref = concat_arrays([p["ref"] for p in parts], TokenArrays)
+    noises = [p["noise"] for p in parts if p["noise"] is not None]
+    loop.noise = concat_arrays(noises, TokenArrays) if noises else None
+    for name in list(loop.arrays):
+        loop.arrays[name] = concat_arrays([p["arrays"][name] for p in parts], TokenArrays)
+    for p in parts[1:]:
+        for name, msg in p["failed"].items():
+            loop.failed.setdefault(name, msg)
+        loop.resumed.update(p["resumed"])
+        loop.cached_reference = loop.cached_reference and p["cached_reference"]
+        for dtype, role, seg, snaps in p["snapshots"]:
+            ctx = PassContext(DTYPES[dtype], role, None, loop.tokenizer, loop.device, loop.cfg, windows, seg,
+                              (0, 0, 0), loop.batch)
+            for obs, snap in zip(loop.observers, snaps, strict=False):
+                if snap is not None and hasattr(obs, "restore"):
+                    obs.restore(ctx, snap)
+    loop.windows = windows

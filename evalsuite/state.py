@@ -41,9 +41,13 @@ def fingerprint(fields: dict) -> str:
 class RunState:
     """Files in `<out>/.state`; `enabled=False` makes every method a no-op (nothing is kept)."""
 
-    def __init__(self, out_dir: Path, fields: dict, enabled: bool = True, fresh: bool = False):
+    def __init__(self, out_dir: Path, fields: dict, enabled: bool = True, fresh: bool = False,
+                 subdir: str | None = None):
         self.root = Path(out_dir) / STATE_DIR
+        if subdir:  # one per data-parallel rank
+            self.root = self.root / subdir
         self.enabled = enabled
+        self.writer = None  # a refcache.BackgroundWriter: saves run while the next pass computes
         self.key = fingerprint(fields)
         if not enabled:
             return
@@ -84,7 +88,14 @@ class RunState:
         if not self.enabled:
             return
         payload = {**arrays, "__meta__": np.array(json.dumps(meta))}
-        atomic_write(self._arrays_path(segment, name), lambda fh: np.savez(fh, **payload))
+        path = self._arrays_path(segment, name)
+        self._submit(lambda: atomic_write(path, lambda fh: np.savez(fh, **payload)))
+
+    def _submit(self, write) -> None:
+        if self.writer is None:
+            write()
+        else:
+            self.writer.submit(write)
 
     def load(self, segment: int, name: str) -> tuple[dict[str, np.ndarray], dict]:
         with np.load(self._arrays_path(segment, name)) as data:
@@ -101,18 +112,27 @@ class RunState:
 
     def save_logits(self, segment: int, buffer: torch.Tensor) -> None:
         if self.enabled:
-            host = buffer.cpu().numpy()  # (N, V) float32
-            atomic_write(self._logits_path(segment), lambda fh: np.save(fh, host))
+            from evalsuite.refcache import write_logits
+
+            path = self._logits_path(segment)  # (N, V) float32; durable: the resume state guards against crashes
+            self._submit(lambda: atomic_write(path, lambda fh: write_logits(fh, buffer)))
 
     def load_logits(self, segment: int, device: torch.device) -> torch.Tensor:
-        host = np.load(self._logits_path(segment), mmap_mode="r")
-        return torch.from_numpy(np.ascontiguousarray(host)).to(device)
+        from evalsuite.refcache import read_logits
 
-    def drop_logits(self, segment: int) -> None:
-        """A segment every dtype has finished needs its logits no more."""
-        if self.enabled:
-            self._logits_path(segment).unlink(missing_ok=True)
+        return read_logits(self._logits_path(segment), device)
 
-    def finish(self) -> None:
+    def drop_logits_when_done(self, segment: int, names: list[str]) -> None:
+        """A segment every dtype has finished needs its logits no more (checked after the queued saves)."""
         if self.enabled:
-            shutil.rmtree(self.root, ignore_errors=True)
+            def drop():
+                if all(self._arrays_path(segment, n).is_file() for n in names):
+                    self._logits_path(segment).unlink(missing_ok=True)
+
+            self._submit(drop)
+
+    def finish(self, everything: bool = False) -> None:
+        """Remove this run's state; `everything`: the whole .state (all data-parallel ranks')."""
+        if self.enabled:
+            root = self.root.parent if everything and self.root.name != STATE_DIR else self.root
+            shutil.rmtree(root, ignore_errors=True)

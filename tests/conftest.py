@@ -14,6 +14,18 @@ sys.path.insert(0, str(Path(__file__).parent))
 from tiny import build_model  # noqa: E402
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _session_reference_cache(tmp_path_factory):
+    """Module fixtures that run evalsuite write their cached references here, not in ~/.cache."""
+    os.environ["EVALSUITE_REFERENCE_CACHE"] = str(tmp_path_factory.mktemp("reference-cache"))
+
+
+@pytest.fixture(autouse=True)
+def _own_reference_cache(tmp_path, monkeypatch):
+    """Each test gets an empty reference cache: a cached reference must never leak between tests."""
+    monkeypatch.setenv("EVALSUITE_REFERENCE_CACHE", str(tmp_path / "reference-cache"))
+
+
 @pytest.fixture(scope="session")
 def tiny_llama(tmp_path_factory) -> Path:
     return build_model(tmp_path_factory.mktemp("tiny") / "llama", "llama", seed=0)

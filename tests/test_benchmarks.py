@@ -201,8 +201,10 @@ def test_last_positions_only_give_the_same_logliks(tiny_llama, tmp_path, dtype):
     real = bench_lm.LastPositions.__call__
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(bench_lm.LastPositions, "__call__", lambda self, *a: calls.append(self) or real(self, *a))
-        trimmed = bench_lm.loglikelihoods(lm, tokens, progress=False)
+        scored = bench_lm.loglikelihoods(lm, bench_lm.schedule(lm, tokens), 5, progress=False)
+    trimmed = scored.results
     assert calls and calls[0].trimmed > 0  # the short path was taken
+    assert scored.batch_size == scored.batch_size_start == 5
     np.testing.assert_allclose([x[0] for x in trimmed], [x[0] for x in full], rtol=1e-6 if dtype == "float32" else 0)
     assert [x[1] for x in trimmed] == [x[1] for x in full]
 

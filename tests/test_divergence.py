@@ -92,6 +92,13 @@ for dtype in (torch.float16, torch.bfloat16, torch.float32):
     rt = reference_tokens(ref, tg)
     np.testing.assert_allclose(rt.nll.numpy(), -lr[rows, tg], rtol=1e-12)
     assert rt.argmax.tolist() == r.argmax(-1).tolist() and rt.nonfinite.sum() == 0
+# ties: the first index wins, wherever the lanes are; identical rows: KL 0 to rounding
+ref = torch.from_numpy(rng.normal(0, 1, (3, 3000))).float()
+ref[0, [2999, 1700, 100]] = 9.0
+ref[1, [5, 6]] = 9.0
+same = token_divergence(ref, ref.clone(), torch.zeros(3, dtype=torch.long))
+assert same.test.argmax.tolist()[:2] == [100, 5] == reference_tokens(ref, torch.zeros(3, dtype=torch.long)).argmax.tolist()[:2]
+assert same.top1_agree.all() and np.abs(same.kl.numpy()).max() < 1e-14 and same.max_abs_dlogit.max() == 0
 print("fused ok")
 """
 

@@ -38,7 +38,8 @@ EXTRA = ["--no-numerics", "--tasks", "none"]
 
 @pytest.mark.parametrize("kill_after", ["fp32", "fp16"])
 def test_sigkill_then_resume(tiny_llama, tmp_path, uninterrupted, kill_after):
-    args = ["run", "--model", str(tiny_llama), "--out", str(tmp_path), *FAST, *EXTRA]
+    # without the reference cache the reference's pass is kept in the resume state
+    args = ["run", "--model", str(tiny_llama), "--out", str(tmp_path), *FAST, *EXTRA, "--no-reference-cache"]
     killed = _cli(args, {"EVALSUITE_FAULT": f"kill-after:{kill_after}"})
     assert killed.returncode == -signal.SIGKILL
     assert not (tmp_path / "results.json").exists()  # nothing half-written
@@ -52,6 +53,21 @@ def test_sigkill_then_resume(tiny_llama, tmp_path, uninterrupted, kill_after):
     assert data["provenance"]["resumed_passes"] == done  # the reference was not recomputed
     assert _metrics(tmp_path) == _metrics(uninterrupted)
     assert not (tmp_path / ".state").exists()  # removed once the results are written
+
+
+def test_sigkill_after_the_reference_with_the_cache(tiny_llama, tmp_path, uninterrupted):
+    """With the reference cache on, the reference survives the kill in the cache, not in .state."""
+    cache = tmp_path / "cache"
+    args = ["run", "--model", str(tiny_llama), "--out", str(tmp_path / "out"), *FAST, *EXTRA,
+            "--reference-cache", str(cache)]
+    killed = _cli(args, {"EVALSUITE_FAULT": "kill-after:fp32"})
+    assert killed.returncode == -signal.SIGKILL
+    assert not (tmp_path / "out" / ".state" / "seg0-reference.npz").exists()
+    resumed = _cli(args)
+    assert resumed.returncode == 0, resumed.stderr
+    data = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert data["provenance"]["reference_cache"]["status"] == "hit"  # not recomputed
+    assert _metrics(tmp_path / "out") == _metrics(uninterrupted)
 
 
 def test_other_settings_in_the_same_out_dir(tiny_llama, tmp_path, capsys):

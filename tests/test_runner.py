@@ -108,6 +108,16 @@ def test_noise_floor_is_reported(tiny_llama, tmp_path):
     assert results.provenance["reference_flags"]["cuda_matmul_allow_tf32"] is False
 
 
+def test_noise_budget_is_a_small_share_of_a_large_run():
+    from evalsuite.runner import noise_budget
+
+    assert noise_budget(32768, 700) == 700  # small runs: all of it
+    assert noise_budget(32768, 131072) == 16384  # an eighth of a large run
+    assert noise_budget(32768, 10**7) == 32768  # never more than asked
+    assert noise_budget(32768, 65536, world=2) == 8192  # per rank: an eighth of its share
+    assert noise_budget(0, 5000) == 0
+
+
 def test_fp16_overflow_is_a_finding_not_a_crash(tmp_path):
     # LM head scaled so that some FP16 logits exceed 65504 -> inf (on 130 of 700 tokens with this
     # seed); FP32 and BF16 stay finite.
