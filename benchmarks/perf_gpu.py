@@ -232,10 +232,10 @@ def stage_model(name: str, args, out: dict, reserve_to_gib: float | None = None)
     return path
 
 
-def stage_dp(args, out: dict, path: Path, name: str) -> None:
+def stage_dp(args, out: dict, path: Path, name: str, nprocs=(1, 2)) -> None:
     n_tokens = args.tokens.get(name, SHAPES[name][1])
     res = {}
-    for nproc in (1, 2):
+    for nproc in nprocs:
         out_dir = args.work / f"dp-{name}-{nproc}"
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc), "-m",
                "evalsuite", "run", "--model", str(path), "--corpus", str(args.text), "--seq-len", "2048",
@@ -302,7 +302,7 @@ def main() -> None:
             out["warmup_s"] = time.perf_counter() - t0
         path = stage_model(name, args, out, reserve_to_gib=H100_80GB_GIB if name == "huge" else None)
         if "dp" in stages and torch.cuda.device_count() >= 2 and name != "huge":
-            stage_dp(args, out, path, name)
+            stage_dp(args, out, path, name, (1, 2) if name == "small" else (2,))
         shutil.rmtree(path, ignore_errors=True)
         out[f"{name}_stage_s"] = time.perf_counter() - t0
         (args.out / "perf_gpu.json").write_text(json.dumps(out, indent=1, default=str))
