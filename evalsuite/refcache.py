@@ -45,12 +45,32 @@ _ROWS_PER_DIGEST_CHUNK = 256
 
 # --- content hashes ----------------------------------------------------------------------------
 
-def _sha256_file(path: Path) -> str:
+_PIECE = 256 * 2**20
+
+
+def _sha256_piece(path: Path, offset: int) -> bytes:
     h = hashlib.sha256()
     with open(path, "rb") as fh:
-        while chunk := fh.read(16 * 2**20):
-            h.update(chunk)  # releases the GIL: files hash in parallel threads
-    return h.hexdigest()
+        fh.seek(offset)
+        left = _PIECE
+        while left and (chunk := fh.read(min(16 * 2**20, left))):
+            h.update(chunk)  # releases the GIL: pieces hash in parallel threads
+            left -= len(chunk)
+    return h.digest()
+
+
+def _sha256_file(path: Path) -> str:
+    """sha256 of the sha256s of the file's 256 MB pieces, hashed in parallel.
+
+    One sha256 stream runs at ~1 GB/s: 12 s for a 7B checkpoint's single 13 GB shard (measured
+    on the benchmark machine). Pieces on all cores make it I/O-bound; any changed byte still
+    changes the digest.
+    """
+    size = path.stat().st_size
+    offsets = range(0, max(size, 1), _PIECE)
+    with ThreadPoolExecutor(max_workers=min(16, os.cpu_count() or 1)) as pool:
+        pieces = list(pool.map(lambda o: _sha256_piece(path, o), offsets))
+    return hashlib.sha256(b"".join(pieces) + str(size).encode()).hexdigest()
 
 
 def checkpoint_files(source: str) -> Path | None:
@@ -92,10 +112,9 @@ def checkpoint_digest(source: str, memo_file: Path | None = None) -> str | None:
             digests[f] = known[2]
         else:
             todo.append((f, key, st))
-    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-        for (f, key, st), digest in zip(todo, pool.map(lambda t: _sha256_file(t[0]), todo), strict=True):
-            digests[f] = digest
-            memo[key] = [st.st_size, st.st_mtime_ns, digest]
+    for f, key, st in todo:  # each file's pieces in parallel
+        digests[f] = _sha256_file(f)
+        memo[key] = [st.st_size, st.st_mtime_ns, digests[f]]
     if todo and memo_file is not None:
         try:
             memo_file.parent.mkdir(parents=True, exist_ok=True)

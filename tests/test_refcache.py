@@ -181,3 +181,29 @@ def test_tokens_digest_sees_window_boundaries():
     b = [np.arange(4), np.arange(4, 10)]
     assert refcache.tokens_digest(a) != refcache.tokens_digest(b)
     assert refcache.tokens_digest(a) == refcache.tokens_digest([w.copy() for w in a])
+
+
+def test_piecewise_file_hash_matches_an_independent_computation(tmp_path, monkeypatch):
+    import hashlib
+
+    monkeypatch.setattr(refcache, "_PIECE", 1000)
+    data = np.random.default_rng(3).bytes(4500)  # 5 pieces, the last one short
+    f = tmp_path / "w.bin"
+    f.write_bytes(data)
+    pieces = b"".join(hashlib.sha256(data[i:i + 1000]).digest() for i in range(0, 4500, 1000))
+    assert refcache._sha256_file(f) == hashlib.sha256(pieces + b"4500").hexdigest()
+    f.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))  # one bit of the last byte
+    assert refcache._sha256_file(f) != hashlib.sha256(pieces + b"4500").hexdigest()
+
+
+def test_logits_round_trip_in_small_chunks_and_truncation_is_caught(tmp_path, monkeypatch):
+    monkeypatch.setattr(refcache, "_IO_CHUNK_BYTES", 4 * 97 * 7)  # 7 rows per chunk: a ragged last chunk
+    x = torch.randn(50, 97, generator=torch.Generator().manual_seed(1))
+    path = tmp_path / "l.npy"
+    with open(path, "wb") as fh:
+        refcache.write_logits(fh, x)
+    np.testing.assert_array_equal(np.load(path), x.numpy())  # a plain .npy file
+    assert torch.equal(refcache.read_logits(path, torch.device("cpu")), x)
+    path.write_bytes(path.read_bytes()[:-5])
+    with pytest.raises(ValueError, match="shorter"):
+        refcache.read_logits(path, torch.device("cpu"))
