@@ -217,6 +217,7 @@ def stage_model(name: str, args, out: dict, reserve_to_gib: float | None = None)
     plan += [("no_cache", base + ["--no-reference-cache", "--no-resume"])]
     if reserve_to_gib is None and args.bench:
         plan.append(("with_zh_mc", ["--no-reference-cache", "--no-resume", "--tasks", "zh_mc"]))
+    plan = [(label, extra) for label, extra in plan if args.runs is None or label in args.runs]
     for label, extra in plan:
         try:
             runs[label] = evalsuite_run(path, args.text, n_tokens, runs_root / label, extra)
@@ -270,9 +271,11 @@ def main() -> None:
     ap.add_argument("--tokens", default="", help="e.g. small=131072,large=65536")
     ap.add_argument("--no-lmeval", dest="lmeval", action="store_false")
     ap.add_argument("--no-bench", dest="bench", action="store_false")
+    ap.add_argument("--runs", default=None, help="evalsuite runs to make (default all): cold,cached,no_cache,with_zh_mc")
     ap.add_argument("--smoke", action="store_true", help="tiny model, CPU allowed: checks this script, measures nothing")
     args = ap.parse_args()
     args.tokens = {k: int(v) for k, v in (p.split("=") for p in args.tokens.split(",") if p)}
+    args.runs = set(args.runs.split(",")) if args.runs else None
     args.out.mkdir(parents=True, exist_ok=True)
     stages = args.stages.split(",")
     out: dict = {"device": torch.cuda.get_device_name(0) if DEVICE == "cuda" else "cpu",
