@@ -27,7 +27,7 @@ try:
 except ImportError:  # pragma: no cover - exercised on machines without triton
     triton = None
 
-BLOCK, NUM_WARPS = 512, 8  # lanes per row and warps per program: benchmarks/kernel_tune.py
+BLOCK, NUM_WARPS = 512, 8  # lanes per row and warps per program: measured by benchmarks/perf_gpu.py (stage kernel)
 N_OUT = 8  # kl, lse_ref, lse_test, max|dlogit|, argmax_ref, argmax_test, nonfinite_test, nonfinite_ref
 
 if triton is not None:

@@ -27,7 +27,7 @@ import torch
 
 from evalsuite.errors import EvalsuiteError
 from evalsuite.forward import Scorer
-from evalsuite.loading import load_model, unload
+from evalsuite.loading import load_model, placement, unload
 from evalsuite.passes import (
     PassContext,
     TokenArrays,
@@ -189,6 +189,8 @@ class Loop:
                                  chunk_tokens=scorer.chunk_tokens, buffer_tokens=tokens,
                                  n_segments=len(self.segments),
                                  attn_implementation=getattr(model.config, "_attn_implementation", None))
+                if cfg.device_map:
+                    self.prov["placement"] = placement(model)
                 if len(self.segments) > 1:
                     say(f"reference logits kept in {len(self.segments)} segments of <= {tokens} tokens")
             first, last, offset = self.segments[seg]

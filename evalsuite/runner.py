@@ -116,6 +116,9 @@ def run(cfg: RunConfig, source: str, observers: tuple = (), resume: bool = False
     dist = distributed.from_env()
     device_name = cfg.device
     if dist is not None:
+        if cfg.device_map:
+            raise UsageError("--device-map auto spreads one model over all GPUs; with several ranks each rank "
+                             "already has its own GPU: use one or the other")
         distributed.init(dist)
         device_name = distributed.rank_device(dist, cfg.device)
         QUIET["on"] = dist.rank != 0

@@ -110,3 +110,12 @@ def test_launch_without_a_rendezvous_is_a_one_line_error(tiny_llama, tmp_path):
                            "--out", str(tmp_path)], capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith("evalsuite: error: WORLD_SIZE > 1 but MASTER_ADDR")
+
+
+def test_device_map_with_several_ranks_is_refused(tiny_llama, tmp_path):
+    env = _env(WORLD_SIZE="2", RANK="0", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT="29533")
+    proc = subprocess.run([sys.executable, "-m", "evalsuite", "run", "--model", str(tiny_llama), *ARGS,
+                           "--device-map", "auto", "--out", str(tmp_path)], capture_output=True, text=True, env=env,
+                          timeout=300)
+    assert proc.returncode == 2
+    assert "--device-map auto" in proc.stderr.strip().splitlines()[-1]
