@@ -28,6 +28,7 @@ import torch
 from evalsuite.errors import EvalsuiteError
 from evalsuite.forward import Scorer
 from evalsuite.loading import load_model, placement, unload
+from evalsuite.logits_io import BackgroundWriter
 from evalsuite.passes import (
     PassContext,
     TokenArrays,
@@ -38,7 +39,7 @@ from evalsuite.passes import (
     timed_pass,
 )
 from evalsuite.precision import Precision, exact_fp32, numeric_flags
-from evalsuite.refcache import BackgroundWriter, CacheCorrupt, ReferenceCache
+from evalsuite.refcache import CacheCorrupt, ReferenceCache
 from evalsuite.state import RunState
 
 QUIET = {"on": False}  # set on data-parallel ranks other than 0: one voice per run

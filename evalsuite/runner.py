@@ -186,7 +186,7 @@ def run(cfg: RunConfig, source: str, observers: tuple = (), resume: bool = False
         _merge(loop, parts, windows)
         loop.prov["data_parallel"] = {"world_size": dist.world, "gather": "gloo",
                                       "tokens_per_rank": [p["n_tokens"] for p in parts]}
-    if loop.resumed - {cfg.reference.name} or (loop.resumed and not loop.cached_reference):
+    if loop.resumed:  # (a reference read from the cache is reported as a cache hit above)
         say(f"resumed: reused the saved {', '.join(sorted(loop.resumed))} passes")
 
     timing["total_s"] = round(time.perf_counter() - t_start, 3)

@@ -47,7 +47,7 @@ class RunState:
         if subdir:  # one per data-parallel rank
             self.root = self.root / subdir
         self.enabled = enabled
-        self.writer = None  # a refcache.BackgroundWriter: saves run while the next pass computes
+        self.writer = None  # a logits_io.BackgroundWriter: saves run while the next pass computes
         self.key = fingerprint(fields)
         if not enabled:
             return
@@ -112,13 +112,13 @@ class RunState:
 
     def save_logits(self, segment: int, buffer: torch.Tensor) -> None:
         if self.enabled:
-            from evalsuite.refcache import write_logits
+            from evalsuite.logits_io import write_logits
 
             path = self._logits_path(segment)  # (N, V) float32; durable: the resume state guards against crashes
             self._submit(lambda: atomic_write(path, lambda fh: write_logits(fh, buffer)))
 
     def load_logits(self, segment: int, device: torch.device) -> torch.Tensor:
-        from evalsuite.refcache import read_logits
+        from evalsuite.logits_io import read_logits
 
         return read_logits(self._logits_path(segment), device)
 

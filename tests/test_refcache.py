@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from evalsuite import passloop, refcache
+from evalsuite import logits_io, passloop, refcache
 from evalsuite.config import RunConfig
 from evalsuite.corpus import CorpusSpec
 from evalsuite.numerics import NumericsObserver
@@ -197,13 +197,13 @@ def test_piecewise_file_hash_matches_an_independent_computation(tmp_path, monkey
 
 
 def test_logits_round_trip_in_small_chunks_and_truncation_is_caught(tmp_path, monkeypatch):
-    monkeypatch.setattr(refcache, "_IO_CHUNK_BYTES", 4 * 97 * 7)  # 7 rows per chunk: a ragged last chunk
+    monkeypatch.setattr(logits_io, "_IO_CHUNK_BYTES", 4 * 97 * 7)  # 7 rows per chunk: a ragged last chunk
     x = torch.randn(50, 97, generator=torch.Generator().manual_seed(1))
     path = tmp_path / "l.npy"
     with open(path, "wb") as fh:
-        refcache.write_logits(fh, x)
+        logits_io.write_logits(fh, x)
     np.testing.assert_array_equal(np.load(path), x.numpy())  # a plain .npy file
-    assert torch.equal(refcache.read_logits(path, torch.device("cpu")), x)
+    assert torch.equal(logits_io.read_logits(path, torch.device("cpu")), x)
     path.write_bytes(path.read_bytes()[:-5])
     with pytest.raises(ValueError, match="shorter"):
-        refcache.read_logits(path, torch.device("cpu"))
+        logits_io.read_logits(path, torch.device("cpu"))
