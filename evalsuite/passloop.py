@@ -79,13 +79,14 @@ class Loop:
     """The segment loop's state in one place (it spans several passes and a resume)."""
 
     def __init__(self, cfg, source, device, tokenizer, windows, tests, observers, state: RunState,
-                 cache: ReferenceCache | None, batch: int, noise_tokens: int, collect_snapshots: bool = False):
+                 cache: ReferenceCache | None, batch: int, noise_tokens: int, writer: BackgroundWriter,
+                 collect_snapshots: bool = False):
         self.cfg, self.source, self.device, self.tokenizer = cfg, source, device, tokenizer
         self.windows, self.tests, self.observers, self.state = windows, tests, observers, state
         self.cache, self.noise_tokens = cache, noise_tokens
         self.refstore = cache if cache is not None else state
-        self.writer = BackgroundWriter()
-        state.writer = self.writer
+        self.writer = writer  # shared with the state and the cache: one queue keeps their writes in order
+        state.writer = writer
         n = windows.n_tokens
         self.ref = TokenArrays.empty(n, divergence=False)
         self.arrays = {p.name: TokenArrays.empty(n, divergence=True) for p in tests}
@@ -161,6 +162,13 @@ class Loop:
             self.state.drop_logits_when_done(seg, [p.name for p in self.tests])
             seg += 1
 
+    def _load(self, p: Precision):
+        """(model, seconds) for one precision, placed as the run asks."""
+        t0 = time.perf_counter()
+        model = load_model(self.source, p, self.device, self.cfg.trust_remote_code, self.cfg.attn_implementation,
+                           device_map=self.cfg.device_map)
+        return model, time.perf_counter() - t0
+
     def _reference(self, seg: int, need_logits: bool) -> torch.Tensor | None:
         if self.segments is not None and self.refstore.has(seg, "reference"):
             try:
@@ -176,10 +184,7 @@ class Loop:
 
     def _reference_pass(self, seg: int, need_logits: bool) -> torch.Tensor | None:
         cfg, ref_name = self.cfg, self.cfg.reference.name
-        t0 = time.perf_counter()
-        model = load_model(self.source, cfg.reference, self.device, cfg.trust_remote_code, cfg.attn_implementation,
-                           device_map=cfg.device_map)
-        load_s = time.perf_counter() - t0
+        model, load_s = self._load(cfg.reference)
         self.ref.timing["load_s"] += load_s
         with exact_fp32() as ref_flags:
             scorer = Scorer(model, self.device)
@@ -224,15 +229,12 @@ class Loop:
 
     def _test(self, seg: int, p: Precision, buffer: torch.Tensor) -> None:
         test = self.arrays[p.name]
-        t0 = time.perf_counter()
         try:
-            model = load_model(self.source, p, self.device, self.cfg.trust_remote_code, self.cfg.attn_implementation,
-                               device_map=self.cfg.device_map)
+            model, load_s = self._load(p)
         except Exception as exc:
             self.failed[p.name] = str(exc)
             say(f"{p.name} failed: {exc}; the other dtypes go on")
             return
-        load_s = time.perf_counter() - t0
         test.timing["load_s"] += load_s
         self.prov.setdefault("test_flags", numeric_flags())
         scorer = Scorer(model, self.device)

@@ -19,6 +19,7 @@ from evalsuite.config import RunConfig, resolve_device
 from evalsuite.errors import EvalsuiteError, UsageError
 from evalsuite.forward import auto_batch_size
 from evalsuite.loading import check_model_source, load_tokenizer, stored_dtype
+from evalsuite.logits_io import BackgroundWriter
 from evalsuite.passes import PassContext, TokenArrays
 from evalsuite.passloop import QUIET, Loop, say
 from evalsuite.precision import DTYPES, Precision, unsupported_reason
@@ -54,7 +55,7 @@ def _state_fields(cfg: RunConfig, source: str, device: torch.device, corpus_iden
 
 
 def _open_cache(cfg: RunConfig, source: str, device: torch.device, windows, observers, batch: int,
-                noise_tokens: int, dist, timing: dict) -> tuple[ReferenceCache | None, dict]:
+                noise_tokens: int, dist, timing: dict, writer: BackgroundWriter) -> tuple[ReferenceCache | None, dict]:
     """The reference cache entry for this run's key, or None (off, or the checkpoint can't be hashed)."""
     if cfg.reference_cache is None:
         return None, {"status": "off"}
@@ -72,7 +73,7 @@ def _open_cache(cfg: RunConfig, source: str, device: torch.device, windows, obse
         "rank": [dist.rank, dist.world] if dist else None,
     }, device)
     try:
-        cache = ReferenceCache(cfg.reference_cache, fields, cfg.reference_cache_gib, writer=None)
+        cache = ReferenceCache(cfg.reference_cache, fields, cfg.reference_cache_gib, writer)
     except OSError as exc:
         say(f"reference cache not used: cannot write {cfg.reference_cache} ({exc.strerror})")
         return None, {"status": "off", "reason": f"cannot write {cfg.reference_cache}"}
@@ -153,11 +154,10 @@ def run(cfg: RunConfig, source: str, observers: tuple = (), resume: bool = False
         fields["rank"] = [dist.rank, dist.world]
     state = RunState(cfg.out_dir, fields, enabled=resume, fresh=fresh,
                      subdir=f"rank{dist.rank}" if dist else None)
-    cache, cache_info = _open_cache(cfg, source, device, mine, observers, batch, noise_tokens, dist, timing)
-    loop = Loop(cfg, source, device, tokenizer, mine, tests, observers, state, cache, batch, noise_tokens,
+    writer = BackgroundWriter()
+    cache, cache_info = _open_cache(cfg, source, device, mine, observers, batch, noise_tokens, dist, timing, writer)
+    loop = Loop(cfg, source, device, tokenizer, mine, tests, observers, state, cache, batch, noise_tokens, writer,
                 collect_snapshots=dist is not None and dist.rank != 0)
-    if cache is not None:
-        cache.writer = loop.writer
     error = None
     try:
         loop.run_all()

@@ -107,9 +107,6 @@ class RunState:
     def _logits_path(self, segment: int) -> Path:
         return self.root / f"seg{segment}-reference-logits.npy"
 
-    def has_logits(self, segment: int) -> bool:
-        return self.enabled and self._logits_path(segment).is_file()
-
     def save_logits(self, segment: int, buffer: torch.Tensor) -> None:
         if self.enabled:
             from evalsuite.logits_io import write_logits
