@@ -71,13 +71,13 @@ def token_divergence(ref_logits: torch.Tensor, test_logits: torch.Tensor, target
     test_tokens = ReferenceTokens(nll=-lp_test_target, argmax=argmax_test, nonfinite=nonfinite)
     p_test = lp_test_target.exp()
     bad = nonfinite > 0
-    nan = torch.tensor(float("nan"), device=kl.device, dtype=torch.float64)
+    nan = float("nan")  # a Python scalar: a tensor made from it would copy to the device and sync
     return TokenDivergence(
-        kl=torch.where(bad, nan, kl),
+        kl=kl.masked_fill(bad, nan),
         top1_agree=(argmax_test == argmax_ref) & ~bad,
         p_ref=p_ref,
-        p_test=torch.where(bad, nan, p_test),
-        max_abs_dlogit=torch.where(bad, nan.float(), dlogit),
+        p_test=p_test.masked_fill(bad, nan),
+        max_abs_dlogit=dlogit.masked_fill(bad, nan),
         test=test_tokens,
     )
 
@@ -89,13 +89,13 @@ def _fused_divergence(ref_logits: torch.Tensor, test_logits: torch.Tensor, targe
     argmax_ref, argmax_test, bad = out[:, 4].long(), out[:, 5].long(), out[:, 6] > 0
     ref_t = ref_logits.gather(1, targets[:, None]).squeeze(1).double()
     test_t = test_logits.gather(1, targets[:, None]).squeeze(1).double()
-    nan = torch.tensor(float("nan"), device=out.device, dtype=torch.float64)
+    nan = float("nan")  # a Python scalar: no host-to-device copy, so no sync per chunk
     test = ReferenceTokens(nll=lse_test - test_t, argmax=argmax_test, nonfinite=out[:, 6].long())
     return TokenDivergence(
-        kl=torch.where(bad, nan, kl),
+        kl=kl.masked_fill(bad, nan),
         top1_agree=(argmax_ref == argmax_test) & ~bad,
         p_ref=(ref_t - lse_ref).exp(),
-        p_test=torch.where(bad, nan, (test_t - lse_test).exp()),
-        max_abs_dlogit=torch.where(bad, nan, dmax).float(),
+        p_test=(test_t - lse_test).exp().masked_fill(bad, nan),
+        max_abs_dlogit=dmax.masked_fill(bad, nan).float(),
         test=test,
     )

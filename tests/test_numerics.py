@@ -19,7 +19,9 @@ from evalsuite.corpus import CorpusSpec
 from evalsuite.loading import load_tokenizer
 from evalsuite.numerics import NumericsObserver
 from evalsuite.numerics_hooks import (
+    HIST_BINS,
     HIST_BINS_PER_BIT,
+    HIST_SHIFT,
     find_modules,
     magnitude_histogram,
     percentile_from_histogram,
@@ -100,6 +102,18 @@ def test_percentile_from_histogram_within_one_bin():
         assert exact < est <= exact * (1 + 1 / HIST_BINS_PER_BIT), q  # 8 linear bins per power of two
     assert percentile_from_histogram(magnitude_histogram(torch.tensor([1.0, float("inf")])).numpy(), 0.9) == np.inf
 
+
+
+def test_magnitude_histogram_counts_every_bin_exactly():
+    """Against numpy's bincount of the same bit patterns, specials included, on fresh random inputs."""
+    gen = np.random.default_rng(7)
+    x = (gen.standard_normal(50_000) * 10.0 ** gen.integers(-40, 38, 50_000)).astype(np.float32)
+    x[:6] = [0.0, -0.0, np.inf, -np.inf, np.nan, 1e-45]
+    keys = (x.view(np.int32) & 0x7FFFFFFF) >> HIST_SHIFT
+    expect = np.bincount(keys, minlength=HIST_BINS)
+    got = magnitude_histogram(torch.from_numpy(x)).numpy()
+    assert got.dtype == np.int64 and got.shape == (HIST_BINS,)
+    np.testing.assert_array_equal(got, expect)
 
 def test_find_modules_kinds(tiny_llama, tiny_qwen_no_bos):
     for path in (tiny_llama, tiny_qwen_no_bos):

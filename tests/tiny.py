@@ -50,16 +50,18 @@ def _config(arch: str, vocab: int):
 
 
 def build_model(path: Path, arch: str = "llama", seed: int = 0, with_bos: bool = True,
-                dtype: torch.dtype = torch.float32, scale_lm_head: float | None = None) -> Path:
+                dtype: torch.dtype = torch.float32, scale_lm_head: float | None = None,
+                vocab_size: int | None = None) -> Path:
     """Save a tiny random-init model + tokenizer to `path`; return `path`.
 
     scale_lm_head multiplies the LM head weights, e.g. to push FP16 logits past 65504.
+    vocab_size: embedding rows beyond the tokenizer's (an odd one exercises the padded head).
     """
     from transformers import AutoModelForCausalLM
 
     tokenizer = build_tokenizer(with_bos)
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(_config(arch, len(tokenizer)))
+    model = AutoModelForCausalLM.from_config(_config(arch, max(len(tokenizer), vocab_size or 0)))
     with torch.no_grad():  # a larger init than the default 0.02 gives non-trivial distributions
         for p in model.parameters():
             if p.dim() > 1:
