@@ -215,6 +215,9 @@ def stage_model(name: str, args, out: dict, reserve_to_gib: float | None = None)
     base = ["--tasks", "none"]
     plan = [("cold", base), ("cached", base)] if reserve_to_gib is None else []
     plan += [("no_cache", base + ["--no-reference-cache", "--no-resume"])]
+    if reserve_to_gib is None:  # the pass at the plain loop's batch size, beside the automatic one
+        plan.append((f"no_cache_batch{plain_batch}", base + ["--no-reference-cache", "--no-resume", "--batch-size",
+                                                           str(plain_batch)]))
     if reserve_to_gib is None and args.bench:
         plan.append(("with_zh_mc", ["--no-reference-cache", "--no-resume", "--tasks", "zh_mc"]))
     plan = [(label, extra) for label, extra in plan if args.runs is None or label in args.runs]
@@ -271,7 +274,7 @@ def main() -> None:
     ap.add_argument("--tokens", default="", help="e.g. small=131072,large=65536")
     ap.add_argument("--no-lmeval", dest="lmeval", action="store_false")
     ap.add_argument("--no-bench", dest="bench", action="store_false")
-    ap.add_argument("--runs", default=None, help="evalsuite runs to make (default all): cold,cached,no_cache,with_zh_mc")
+    ap.add_argument("--runs", default=None, help="evalsuite runs to make (default all): cold,cached,no_cache,no_cache_batchN,with_zh_mc")
     ap.add_argument("--smoke", action="store_true", help="tiny model, CPU allowed: checks this script, measures nothing")
     args = ap.parse_args()
     args.tokens = {k: int(v) for k, v in (p.split("=") for p in args.tokens.split(",") if p)}

@@ -105,6 +105,17 @@ def main() -> int:
         s = min(timed(at_batch) for _ in range(2))
         res[f"pass_batch{b}_tok_s"] = n / s
         res[f"pass_batch{b}_vs_plain"] = n / s / res["plain_loop_tok_s"]
+    del scorer, model, buffer, staged
+    torch.cuda.empty_cache()
+    model, _ = baselines.load_for_plain_loop(path, torch.bfloat16)
+    for b in (int(x) for x in args.more_batches.split(",") if x):  # the plain loop at the same batch sizes
+        res[f"plain_loop_batch{b}_tok_s"] = baselines.plain_loop(model, ids, b)["tokens_per_s"]
+    del model
+    torch.cuda.empty_cache()
+    model = load_model(str(path), DTYPES["bf16"], dev)
+    scorer = Scorer(model, dev)
+    buffer = torch.randn(n, scorer.vocab_size, device=dev) * 2
+    staged = staging(n, dev, divergence=True)
     for k, v in res.items():
         print(f"{k}: {v:.4g}" if isinstance(v, float) else f"{k}: {v}", flush=True)
 

@@ -58,6 +58,19 @@ def check_model_source(source: str) -> None:
         raise ModelLoadError(f"{source} has no config.json; pass the directory written by save_pretrained")
 
 
+def hidden_size(source: str, trust_remote_code: bool = False) -> int | None:
+    """The decoder's width from the checkpoint's config (None where it cannot be read): sizes batches."""
+    _quiet_transformers()
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+        text = config.get_text_config() if hasattr(config, "get_text_config") else config
+        return int(text.hidden_size)
+    except Exception:  # noqa: BLE001 - only a hint: load_model reports a bad config in its own words
+        return None
+
+
 def load_tokenizer(source: str, trust_remote_code: bool = False):
     _quiet_transformers()
     from transformers import AutoTokenizer

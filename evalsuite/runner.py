@@ -18,7 +18,7 @@ from evalsuite import distributed, kernels
 from evalsuite.config import RunConfig, resolve_device
 from evalsuite.errors import EvalsuiteError, UsageError
 from evalsuite.forward import auto_batch_size
-from evalsuite.loading import check_model_source, load_tokenizer, stored_dtype
+from evalsuite.loading import check_model_source, hidden_size, load_tokenizer, stored_dtype
 from evalsuite.logits_io import BackgroundWriter
 from evalsuite.passes import PassContext, TokenArrays
 from evalsuite.passloop import QUIET, Loop, say
@@ -146,7 +146,8 @@ def run(cfg: RunConfig, source: str, observers: tuple = (), resume: bool = False
         say(f"data-parallel: {dist.world} ranks, about {mine.n_tokens} tokens each")
 
     tests, skipped = _tests_and_skipped(cfg, device)
-    batch = cfg.batch_size or auto_batch_size(device, cfg.seq_len)
+    width = hidden_size(source, cfg.trust_remote_code) if device.type == "cuda" and not cfg.batch_size else None
+    batch = cfg.batch_size or auto_batch_size(device, cfg.seq_len, width)
     world = dist.world if dist else 1
     noise_tokens = noise_budget(cfg.noise_tokens, mine.n_tokens, world)
     fields = _state_fields(cfg, source, device, corpus_identity)

@@ -125,3 +125,18 @@ def test_a_run_through_the_padded_head_matches_float64(odd_vocab_model, tmp_path
     assert padded["top1_agreement"] == pytest.approx(expect["agree"].mean(), abs=2 / len(expect["agree"]))
     assert padded["kl_mean"] == pytest.approx(plain["kl_mean"], rel=1e-3)
     assert len(head_padded) == 1 and head_padded[0]["absmax"] == pytest.approx(head_plain[0]["absmax"], rel=1e-6)
+
+
+def test_automatic_batch_size_holds_tokens_times_width(tiny_llama):
+    from evalsuite.forward import auto_batch_size
+    from evalsuite.loading import hidden_size
+
+    gpu = torch.device("cuda")
+    assert auto_batch_size(gpu, 2048, 4096) == 8  # the 7B shape: 16,384 tokens
+    assert auto_batch_size(gpu, 2048, 5120) == 8  # wider: never under 16,384 tokens
+    assert auto_batch_size(gpu, 2048, 896) == 32  # the 0.5B shape: capped at 65,536 tokens
+    assert auto_batch_size(gpu, 2048, None) == 8 and auto_batch_size(gpu, 512, 896) == 128
+    assert auto_batch_size(gpu, 100_000, 896) == 1
+    assert auto_batch_size(CPU, 64, 4096) == 16  # the CPU keeps its small batches
+    assert hidden_size(str(tiny_llama)) == 64
+    assert hidden_size("/nonexistent/model") is None
