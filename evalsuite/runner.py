@@ -7,6 +7,7 @@ distributed.py. This module wires them together and records where the time went.
 
 from __future__ import annotations
 
+import gc
 import time
 from dataclasses import replace
 
@@ -160,6 +161,9 @@ def run(cfg: RunConfig, source: str, observers: tuple = (), resume: bool = False
     loop = Loop(cfg, source, device, tokenizer, mine, tests, observers, state, cache, batch, noise_tokens, writer,
                 collect_snapshots=dist is not None and dist.rank != 0)
     error = None
+    # Objects alive now (imports, tokenizer, corpus) are left out of the collection each model
+    # unload runs: on a 7B run on an H200 four full collections took 1.1 s (profile_run.py).
+    gc.freeze()
     try:
         loop.run_all()
     except EvalsuiteError as exc:
@@ -167,6 +171,7 @@ def run(cfg: RunConfig, source: str, observers: tuple = (), resume: bool = False
             raise
         error = (exc.exit_code, str(exc))
     finally:
+        gc.unfreeze()
         t0 = time.perf_counter()
         loop.writer.join()  # the reference cache / resume files are complete before anything ends
         timing["write_wait_s"] = round(time.perf_counter() - t0, 3)

@@ -78,3 +78,46 @@ def test_fused_kernel_on_the_card_matches_float64(dtype):
     np.testing.assert_allclose(td.kl[ok].cpu().numpy(), kl[ok].cpu().numpy(), rtol=1e-9, atol=1e-13)
     assert torch.isnan(td.kl[7]) and int(td.test.nonfinite[7]) == 1
     assert torch.equal(td.top1_agree[ok], (r.argmax(-1) == t.argmax(-1))[ok])
+
+
+def test_per_chunk_and_per_batch_work_never_waits_for_the_gpu(tiny_llama):
+    """What evalsuite adds around the model's forward runs with no host sync (set_sync_debug_mode).
+
+    A sync there (a `.item()`, a tensor made from a Python scalar, CUDA `bincount`) makes the CPU
+    wait for the GPU's queue, and the GPU then idles while Python launches the next kernels.
+    HF's own forward syncs once per call (its packed-sequence check), so it runs outside the guard.
+    """
+    from evalsuite.divergence import reference_tokens
+    from evalsuite.forward import Scorer
+    from evalsuite.loading import load_model
+    from evalsuite.numerics_hooks import Recorder, find_modules, magnitude_histogram
+    from evalsuite.passes import compare, keep_reference, staging
+
+    gpu = torch.device("cuda")
+    model = load_model(str(tiny_llama), DTYPES["bf16"], gpu)
+    scorer = Scorer(model, gpu, pad_head=True)
+    ids = torch.randint(0, scorer.vocab_size, (2, 65), device=gpu)
+    hidden = scorer._body(ids[:, :-1]).reshape(-1, model.config.hidden_size)  # (128, H)
+    targets = ids[:, 1:].reshape(-1)
+    n, v = targets.numel(), scorer.vocab_size
+    buffer = torch.randn(n, v, device=gpu)
+    staged_ref, staged = staging(n, gpu, divergence=False), staging(n, gpu, divergence=True)
+    watched = find_modules(model)
+    recorder = Recorder(watched, gpu, histogram=True)
+    recorder.attach()
+    x = torch.randn(4096, 300, device=gpu)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        recorder.start_batch(0)
+        logits = scorer._split_logits(hidden)  # the padded head and its forward hooks (the lm_head's)
+        keep_reference(buffer, staged_ref, 0, logits.float(), targets)
+        compare(buffer, staged, 0, logits, targets)
+        reference_tokens(logits, targets)
+        magnitude_histogram(x)
+        recorder.start_batch(n)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+        recorder.detach()
+    rows, _ = recorder.finish()
+    assert rows and rows[0][1].max() > 0  # the lm_head hook did run
