@@ -63,6 +63,22 @@ def segments_of(windows: list[np.ndarray], max_tokens: int) -> list[tuple[int, i
     return out
 
 
+# Bytes per second a kept reference's logits are assumed to be read back at (a local NVMe SSD
+# manages more; the H200 machine read its cache at about 3.9 GB/s and wrote at about 2 GB/s).
+KEEP_READ_BYTES_PER_S = 2 * 2**30
+
+
+def worth_keeping(pass_s: float, logits_bytes: int) -> bool:
+    """Whether the reference's logits are worth writing to the cache or the resume state.
+
+    Why not always: they take 4 bytes x vocabulary per token. For a small model recomputing the
+    FP32 reference is quicker than reading them back (0.5B shape on an H200: 7.7 s of pass
+    against 48.8 GiB of logits, which made the cached rerun slower than no cache and the first
+    run wait 23 s for the write); for a 7B the pass costs 18 s and its 12 GiB read back in about 3.
+    """
+    return pass_s >= logits_bytes / KEEP_READ_BYTES_PER_S
+
+
 def buffer_tokens(cfg, device: torch.device, vocab: int, n_tokens: int) -> int:
     if cfg.buffer_gib is not None:
         budget = cfg.buffer_gib * 2**30
@@ -97,6 +113,7 @@ class Loop:
         self.segments: list[tuple[int, int, int]] | None = None
         self.resumed: set[str] = set()  # dtypes whose saved passes were reused
         self.cached_reference = False  # the reference came from the cache (no reference model loaded)
+        self.not_kept: str | None = None  # why the reference's logits were not written (see worth_keeping)
         self.keep_snapshots = state.enabled or cache is not None or collect_snapshots
         self.collected: list[tuple[str, str, int, list]] | None = [] if collect_snapshots else None
         plan = (cache.plan() if cache is not None else None) or state.plan()
@@ -221,9 +238,15 @@ class Loop:
         self.state.save_plan(plan)
         if self.cache is not None:
             self.cache.save_plan(plan)
-        if need_logits or self.cache is not None:  # the cache keeps logits even when no dtype needs them now
-            self.refstore.save_logits(seg, buffer)
-        self.refstore.save(seg, "reference", saved, meta)  # after the logits: "reference done" implies them
+        pass_s = meta["timing"]["pass_s"]
+        if worth_keeping(pass_s, buffer.numel() * buffer.element_size()):
+            if need_logits or self.cache is not None:  # the cache keeps logits even when no dtype needs them now
+                self.refstore.save_logits(seg, buffer)
+            self.refstore.save(seg, "reference", saved, meta)  # after the logits: "reference done" implies them
+        elif self.not_kept is None and (self.cache is not None or self.state.enabled):
+            self.not_kept = (f"recomputing the reference ({pass_s:.1f} s) is quicker than reading back its "
+                             f"{buffer.numel() * buffer.element_size() / 2**30:.1f} GiB of logits")
+            say(f"reference not kept for reuse: {self.not_kept}")
         self._fault(ref_name)
         return buffer if need_logits else None
 

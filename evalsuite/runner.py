@@ -176,7 +176,9 @@ def run(cfg: RunConfig, source: str, observers: tuple = (), resume: bool = False
         loop.writer.join()  # the reference cache / resume files are complete before anything ends
         timing["write_wait_s"] = round(time.perf_counter() - t0, 3)
     if cache is not None:
-        cache_info["status"] = "hit" if loop.cached_reference else "stored"
+        cache_info["status"] = "hit" if loop.cached_reference else "not stored" if loop.not_kept else "stored"
+        if loop.not_kept and not loop.cached_reference:
+            cache_info["reason"] = loop.not_kept
         if cache.problem:
             cache_info["problem"] = cache.problem
         if loop.cached_reference:

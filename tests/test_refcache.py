@@ -57,6 +57,7 @@ def test_rerun_reads_the_reference_from_the_cache(tiny_llama, tmp_path, loads):
     first, tok1 = _run(cfg, tiny_llama, numerics=True)
     assert loads == ["fp32", "fp16", "bf16"]
     assert first.provenance["reference_cache"]["status"] == "stored"
+    assert list(cache.rglob("*-logits.npy"))
     loads.clear()
     second, tok2 = _run(replace(cfg, out_dir=tmp_path / "out2"), tiny_llama, numerics=True)
     assert loads == ["fp16", "bf16"]  # the reference model was never loaded
@@ -75,6 +76,24 @@ def test_other_test_dtypes_reuse_the_reference(tiny_llama, tmp_path, loads):
     results, _ = _run(_config(tmp_path, cache, dtypes=(DTYPES["bf16"],), out_dir=tmp_path / "o2"), tiny_llama)
     assert loads == ["bf16"]
     assert results.provenance["reference_cache"]["status"] == "hit"
+
+
+def test_a_reference_cheaper_to_recompute_than_to_read_is_not_kept(tiny_llama, tmp_path, loads, monkeypatch, capsys):
+    """With reading back slower than the pass (here: 1 byte/s), nothing is written and nothing is reused."""
+    assert passloop.worth_keeping(10.0, 2 * 2**30) and not passloop.worth_keeping(0.5, 2 * 2**30)
+    monkeypatch.setattr(passloop, "KEEP_READ_BYTES_PER_S", 1.0)
+    cache = tmp_path / "cache"
+    cfg = _config(tmp_path, cache, dtypes=(DTYPES["bf16"],))
+    first, tok1 = _run(cfg, tiny_llama)
+    info = first.provenance["reference_cache"]
+    assert info["status"] == "not stored" and "quicker than reading back" in info["reason"]
+    assert "reference not kept for reuse" in capsys.readouterr().err
+    assert not list(cache.rglob("*.npy")) and not list(cache.rglob("*.bin"))  # no logits written
+    loads.clear()
+    second, tok2 = _run(replace(cfg, out_dir=tmp_path / "o2"), tiny_llama)
+    assert loads == ["fp32", "bf16"]  # computed again
+    assert _metrics(second) == _metrics(first)
+    np.testing.assert_array_equal(tok1["bf16/kl"], tok2["bf16/kl"])
 
 
 @pytest.mark.parametrize("change", ["max_tokens", "seq_len", "batch_size", "noise_tokens", "weights"])
