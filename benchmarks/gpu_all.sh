@@ -3,7 +3,7 @@
 #   bash benchmarks/gpu_all.sh PATH/TO/199801.txt
 # Needs lm-eval (pip install 'lm_eval>=0.4.13,<0.5'; on a machine without PyPI, carry the wheels).
 # The data-parallel stage runs when two GPUs are visible; on one GPU it is skipped.
-# (About 12 minutes on 2 x H200; the stages can be run separately with --stages.)
+# (About 17 minutes on 2 x H200; the stages can be run separately with --stages.)
 set -uo pipefail
 text=${1:?usage: gpu_all.sh PEOPLES_DAILY_TXT}
 out=${OUT:-bench-out}
@@ -16,3 +16,9 @@ tok=${TOKENIZER_DIR:-/tmp/evalsuite-tok49953}
 [ -f "$tok/tokenizer.json" ] || python3 benchmarks/make_tokenizer.py --text "$text" --out "$tok"
 python3 benchmarks/perf_gpu.py --text "$text" --tokenizer "$tok" --out "$out" \
   --stages kernel,small,large,huge,dp 2>&1 | grep -v -i warn | tee "$out/perf_gpu.log"
+# where the time goes: the LM head's GEMM at odd vocabularies, the pass split up, a whole run under cProfile
+python3 benchmarks/head_align.py --out "$out" 2>&1 | grep -v -i warn | tee "$out/head_align.log"
+python3 benchmarks/profile_pass.py --text "$text" --tokenizer "$tok" --out "$out" --tokens 131072 2>&1 \
+  | grep -v -i warn | tee "$out/profile_pass.log"
+python3 benchmarks/profile_run.py --text "$text" --tokenizer "$tok" --out "$out" 2>&1 | grep -v -i warn \
+  | tee "$out/profile_run.log"

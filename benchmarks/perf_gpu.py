@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import baselines  # noqa: E402
 
-SHAPES = {"small": ("qwen2-0.5b", 131072, 8), "large": ("llama2-7b", 65536, 4), "huge": ("llama2-13b", 32768, 4)}
+SHAPES = {"small": ("qwen2-0.5b", 262144, 8), "large": ("llama2-7b", 65536, 4), "huge": ("llama2-13b", 32768, 4)}
 H100_80GB_GIB = 79.6  # usable memory of an 80 GB card (81,559 MiB)
 
 

@@ -183,7 +183,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     import numpy as np
 
     from evalsuite.demo import demo_checkpoint
-    from evalsuite.results import atomic_write, write_results
+    from evalsuite.results import atomic_write, compact, write_results
     from evalsuite.runner import run, say
     from evalsuite.table import format_table
 
@@ -211,7 +211,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     def write_outputs(results, per_token) -> None:  # before the resume state is discarded
         write_results(cfg.out_dir / "results.json", results)
         write_report(cfg.out_dir / "report.html", render_report(results.to_dict()))
-        atomic_write(cfg.out_dir / "per_token.npz", lambda fh: np.savez_compressed(fh, **per_token))
+        atomic_write(cfg.out_dir / "per_token.npz", lambda fh: np.savez(fh, **compact(per_token)))
 
     results, per_token = run(cfg, source, observers=observers, resume=not args.no_resume, fresh=args.fresh,
                              write_outputs=write_outputs)

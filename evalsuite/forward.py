@@ -6,13 +6,7 @@ then apply the LM head to C tokens at a time, so the largest float32 tensor is (
 That split is verified on a probe against the model's own forward when the model is loaded;
 architectures where it does not match exactly fall back to the full forward.
 
-Why the head may get its own padded weight: with a vocabulary that is not a multiple of 8
-(Chinese-LLaMA's 49,953) cuBLAS has no aligned tensor-core kernel for a bf16/fp16 head and falls
-back to an sm75 one: on an H200 the 0.5B shape's head ran at 95 TFLOP/s instead of 644, 0.94
-instead of 0.14 us per token, the 7B shape's at 3.8 instead of 0.59 (benchmarks/head_align.py,
-BENCHMARKS.md). Appending zero rows up to a multiple of 64 (what vLLM does to every vocabulary)
-changes no logit mathematically; the product is then rounded by another GEMM kernel, so a bf16
-logit can differ by one unit in the last place, as between any two correct GEMMs.
+The head itself (padded where cuBLAS needs it) is head.py.
 """
 
 from __future__ import annotations
@@ -22,15 +16,14 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from evalsuite.errors import EvalsuiteError
+from evalsuite.head import apply_head, padded_head
 
 # float32 bytes of one (C, V) logits chunk. On CUDA the fused kernel (kernels.py) needs no
 # temporaries beyond the chunk; the CPU path makes float64 copies, so its chunks stay small.
 CHUNK_BYTES = {"cuda": 1024 * 2**20, "cpu": 32 * 2**20}
-VOCAB_PAD = 64  # rows the padded head is rounded up to (vLLM's DEFAULT_VOCAB_PADDING_SIZE)
 
 
 class Scorer:
@@ -56,8 +49,8 @@ class Scorer:
         self.input_device = _weight_device(_call(model, "get_input_embeddings")) or self._home
         self.head_device = _weight_device(head) or self._home
         self.split = self._verified_split()
-        # (W (Vpad, H), bias (Vpad,) or None): see the module docstring. None: the head as it is.
-        self.padded_head = _padded_head(head, self.vocab_size, pad_head, self) if self.split else None
+        # (W (Vpad, H), bias (Vpad,) or None): see head.py. None: the head as it is.
+        self.padded_head = padded_head(head, self.vocab_size, pad_head, self.sharded) if self.split else None
 
     @property
     def sharded(self) -> bool:
@@ -69,13 +62,7 @@ class Scorer:
 
     def _split_logits(self, hidden: torch.Tensor, padded: bool = True) -> torch.Tensor:
         """hidden (C, H) -> logits (C, V); through the padded head where there is one."""
-        head = self.model.get_output_embeddings()
-        if padded and self.padded_head is not None and not (head._forward_pre_hooks or _global_hooks()):
-            weight, bias = self.padded_head
-            logits = F.linear(hidden, weight, bias)[:, : self.vocab_size]  # (C, Vpad) -> view (C, V)
-            logits = _call_forward_hooks(head, hidden, logits)  # observers hooked on the head still see it
-        else:
-            logits = head(hidden)
+        logits = apply_head(self.model.get_output_embeddings(), hidden, self.padded_head if padded else None)
         cap = getattr(self.model.config, "final_logit_softcapping", None)
         if cap:
             logits = torch.tanh(logits / cap) * cap
@@ -126,53 +113,6 @@ class Scorer:
             for start in range(0, logits.shape[0], self.chunk_tokens):
                 stop = min(start + self.chunk_tokens, logits.shape[0])
                 yield start, _to(logits[start:stop], home), targets[start:stop]
-
-
-def _padded_head(head, vocab: int, pad: bool | None, scorer: Scorer) -> tuple | None:
-    """The head's weight (and bias) with zero rows up to a multiple of VOCAB_PAD, when it pays.
-
-    pad None decides: a plain nn.Linear head with 2-byte weights on one GPU whose vocabulary is
-    not a multiple of 8. Float32 heads are left alone: without TF32 they run at the card's FP32
-    rate whatever the alignment (measured: 51 TFLOP/s both ways). pad True forces it (tests on
-    CPU), False never pads. Costs one copy of the head's weight for the pass.
-    """
-    if pad is None:
-        weight = getattr(head, "weight", None)
-        pad = (type(head) is torch.nn.Linear and weight is not None and weight.device.type == "cuda"
-               and weight.element_size() == 2 and vocab % 8 != 0 and not scorer.sharded
-               and not hasattr(head, "_hf_hook"))
-    if not pad or type(head) is not torch.nn.Linear:
-        return None
-    rows = -(-vocab // VOCAB_PAD) * VOCAB_PAD
-    with torch.no_grad():
-        weight = head.weight.new_zeros((rows, head.weight.shape[1]))
-        weight[:vocab] = head.weight
-        bias = None
-        if head.bias is not None:
-            bias = head.bias.new_zeros(rows)
-            bias[:vocab] = head.bias
-    return weight, bias
-
-
-def _global_hooks() -> bool:
-    """Whether any module-global forward hook is registered (then the head is called as a module)."""
-    m = torch.nn.modules.module
-    return bool(getattr(m, "_global_forward_hooks", None) or getattr(m, "_global_forward_pre_hooks", None))
-
-
-def _call_forward_hooks(module: torch.nn.Module, hidden: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
-    """What `module(hidden)` does after its forward: each forward hook sees (module, args, output).
-
-    Used where the Scorer computes the head's output itself (the padded head), so observers that
-    hooked the head (numerics.py) see every chunk exactly as if the module had run. A hook that
-    returns a value replaces the output, as in nn.Module.__call__.
-    """
-    with_kwargs = getattr(module, "_forward_hooks_with_kwargs", {})
-    for hook_id, hook in list(module._forward_hooks.items()):
-        result = hook(module, (hidden,), {}, output) if with_kwargs.get(hook_id) else hook(module, (hidden,), output)
-        if result is not None:
-            output = result
-    return output
 
 
 def concrete(device: torch.device) -> torch.device:

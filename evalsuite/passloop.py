@@ -205,6 +205,7 @@ class Loop:
         self.ref.timing["load_s"] += load_s
         with exact_fp32() as ref_flags:
             scorer = Scorer(model, self.device)
+            self.prov.setdefault("padded_head", {})[cfg.reference.name] = scorer.padded_head is not None
             if self.segments is None:
                 tokens = buffer_tokens(cfg, self.device, scorer.vocab_size, self.windows.n_tokens)
                 self.segments = segments_of(self.windows.windows, tokens)
@@ -261,6 +262,7 @@ class Loop:
         test.timing["load_s"] += load_s
         self.prov.setdefault("test_flags", numeric_flags())
         scorer = Scorer(model, self.device)
+        self.prov.setdefault("padded_head", {})[p.name] = scorer.padded_head is not None
         first, last, offset = self.segments[seg]
         seg_windows = self.windows.windows[first:last]
         ctx = self.ctx(p, "test", model, seg)

@@ -35,7 +35,8 @@ def test_run_end_to_end(tiny_llama, tmp_path, capsys):
         assert m["n_tokens"] == 300
     assert data["config"]["dtypes"] == ["fp16", "bf16"] and data["model"]["stored_dtype"] == "float32"
     per_token = np.load(out / "per_token.npz")
-    assert per_token["fp16/kl"].shape == (300,)
+    assert per_token["fp16/kl"].shape == (300,) and per_token["fp16/kl"].dtype == np.float64
+    assert per_token["targets"].dtype == np.int32 and per_token["fp16/argmax"].dtype == np.int32  # compacted
     assert "fp16" in captured.out and "KL mean" in captured.out  # the terminal table
 
 

@@ -6,7 +6,8 @@ import pytest
 import torch
 from tiny import build_model
 
-from evalsuite.forward import VOCAB_PAD, Scorer
+from evalsuite.forward import Scorer
+from evalsuite.head import VOCAB_PAD
 from evalsuite.loading import load_model
 from evalsuite.precision import DTYPES
 
@@ -111,11 +112,12 @@ def test_a_run_through_the_padded_head_matches_float64(odd_vocab_model, tmp_path
 
     def once(out, pad: bool):
         cfg = _config(out, dtypes=(DTYPES["bf16"],))
-        real = forward._padded_head
+        real = forward.padded_head
         with monkeypatch.context() as m:
-            m.setattr(forward, "_padded_head", lambda head, vocab, _pad, scorer: real(head, vocab, pad, scorer))
+            m.setattr(forward, "padded_head", lambda head, vocab, _pad, sharded: real(head, vocab, pad, sharded))
             results, _ = run(cfg, str(odd_vocab_model), observers=(NumericsObserver(cfg, str(odd_vocab_model)),))
         head = [a for a in results.to_dict()["numerics"]["activations"] if a["kind"] == "lm_head"]
+        assert results.provenance["padded_head"] == {"fp32": pad, "bf16": pad}
         return cfg, results.dtypes["bf16"].metrics, head
 
     cfg, padded, head_padded = once(tmp_path / "padded", True)
