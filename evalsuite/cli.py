@@ -87,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--headroom-margin-bits", type=float, default=1.0,
                      help="flag modules whose reference activations come within this many bits of a dtype's "
                           "largest finite value (default 1.0)")
-    run.add_argument("--tasks", default="zh_mc",  # = benchmarks.DEFAULT_TASKS (not imported: `report` needs no numpy)
+    run.add_argument("--tasks", default="zh_mc",  # = bench_tasks.DEFAULT_TASKS (not imported: `report` needs no numpy)
                      help="comma-separated lm-eval multiple-choice tasks or groups scored at each dtype (e.g. zh_mc, "
                           "cmmlu_local, cmmlu, ceval-valid), or 'none' (default: evalsuite's own zh_mc, offline)")
     run.add_argument("--num-fewshot", type=int, default=None, help="few-shot examples per question (default: task's)")
@@ -132,7 +132,7 @@ def default_cache_dir() -> Path:
 
 
 def config_from_args(args: argparse.Namespace):
-    from evalsuite.benchmarks import parse_tasks
+    from evalsuite.bench_tasks import parse_tasks
     from evalsuite.config import RunConfig
     from evalsuite.corpus import CorpusSpec
     from evalsuite.precision import parse_dtype
@@ -190,7 +190,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     gate_set = _load_gates(args, [p.name for p in (cfg.reference, *cfg.dtypes)])
     _check_writable(cfg.out_dir)
-    from evalsuite.benchmarks import prepare
+    from evalsuite.bench_tasks import prepare
 
     bench_plan = prepare(cfg) if cfg.tasks else None  # a bad --tasks fails here, before any model loads
     source = cfg.model or str(demo_checkpoint())

@@ -11,7 +11,8 @@ import torch
 from test_benchmarks import _cfg, _run
 
 from evalsuite import bench_lm
-from evalsuite.benchmarks import BenchmarkObserver, prepare
+from evalsuite.bench_tasks import prepare
+from evalsuite.benchmarks import BenchmarkObserver
 from evalsuite.passes import PassContext
 from evalsuite.precision import DTYPES
 from evalsuite.report import render_report

@@ -13,7 +13,8 @@ from test_bench_batching import _ctx, _model, _tokenizer
 from test_benchmarks import _cfg, _records
 from tiny import build_model
 
-from evalsuite.benchmarks import BenchmarkObserver, prepare
+from evalsuite.bench_tasks import prepare
+from evalsuite.benchmarks import BenchmarkObserver
 from evalsuite.errors import UsageError
 
 pytest.importorskip("lm_eval")

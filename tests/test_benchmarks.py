@@ -17,7 +17,8 @@ from helpers import one_line_error
 from tiny import build_model
 
 from evalsuite import bench_stats
-from evalsuite.benchmarks import DEFAULT_TASKS, BenchmarkObserver, prepare, tasks_dir
+from evalsuite.bench_tasks import DEFAULT_TASKS, prepare, tasks_dir
+from evalsuite.benchmarks import BenchmarkObserver
 from evalsuite.cli import build_parser, main
 from evalsuite.config import RunConfig
 from evalsuite.corpus import CorpusSpec
@@ -315,9 +316,9 @@ def test_records_of_a_broken_dtype_and_uneven_choices(tmp_path):
     """NaN log-likelihoods (a broken dtype) and questions with fewer choices keep records aligned."""
     from types import SimpleNamespace
 
-    from evalsuite.bench_lm import Answers
+    from evalsuite.bench_grade import Answers
     from evalsuite.bench_results import build
-    from evalsuite.benchmarks import Question
+    from evalsuite.bench_tasks import Question
 
     qs = tuple(Question("t", "t", i, f"q{i}", ch, 0, 0, 0) for i, ch in enumerate([("A", "B"), ("A", "B", "C")]))
     plan = SimpleNamespace(tasks=("t",), questions=qs, settings={})
