@@ -10,8 +10,8 @@ The key is a hash of everything that changes a reference number: the checkpoint'
 (sha256 of its files; memoised by size and mtime so a 26 GB checkpoint is hashed once), the exact
 token windows that are scored (hash of the token ids, so the corpus, tokenizer, --seq-len and
 --max-tokens are all in it), the reference dtype, batch size, noise-floor size, attention
-implementation, the observers' settings, and the software and device (evalsuite, torch,
-transformers, GPU name; the numeric flags are fixed by the torch version and `exact_fp32`).
+implementation, the observers' settings, and the software and device (evalsuite's version and a
+digest of its source files, torch, transformers, GPU name; the numeric flags are fixed by the torch version and `exact_fp32`).
 A different key is a different directory: nothing stale can be read. What the test dtypes are
 is *not* in the key, so adding a dtype reuses the reference.
 
@@ -283,5 +283,15 @@ def cache_fields(base: dict, device: torch.device) -> dict:
     import evalsuite
 
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    return {**base, "format": FORMAT, "evalsuite": evalsuite.__version__, "torch": torch.__version__,
-            "transformers": transformers.__version__, "device": name}
+    return {**base, "format": FORMAT, "evalsuite": evalsuite.__version__, "evalsuite_code": code_digest(),
+            "torch": torch.__version__, "transformers": transformers.__version__, "device": name}
+
+
+def code_digest() -> str:
+    """sha256 of evalsuite's own source files: a changed computation (an edited checkout, a
+    development install) is another key, even where the version string stayed the same."""
+    root = Path(__file__).resolve().parent
+    h = hashlib.sha256()
+    for f in sorted(root.rglob("*.py")):
+        h.update(f.relative_to(root).as_posix().encode() + b"\0" + f.read_bytes() + b"\0")
+    return h.hexdigest()

@@ -78,6 +78,19 @@ def test_other_test_dtypes_reuse_the_reference(tiny_llama, tmp_path, loads):
     assert results.provenance["reference_cache"]["status"] == "hit"
 
 
+def test_a_change_to_evalsuite_itself_misses(tiny_llama, tmp_path, loads, monkeypatch):
+    """Edited evalsuite code (same version string) must not read a reference the old code computed."""
+    cache = tmp_path / "cache"
+    cfg = _config(tmp_path, cache, dtypes=(DTYPES["bf16"],))
+    first, _ = _run(cfg, tiny_llama)
+    assert len(refcache.code_digest()) == 64 and refcache.code_digest() == refcache.code_digest()
+    monkeypatch.setattr(refcache, "code_digest", lambda: "0" * 64)
+    loads.clear()
+    second, _ = _run(replace(cfg, out_dir=tmp_path / "o2"), tiny_llama)
+    assert loads == ["fp32", "bf16"] and second.provenance["reference_cache"]["status"] == "stored"
+    assert second.provenance["reference_cache"]["key"] != first.provenance["reference_cache"]["key"]
+
+
 def test_a_reference_cheaper_to_recompute_than_to_read_is_not_kept(tiny_llama, tmp_path, loads, monkeypatch, capsys):
     """With reading back slower than the pass (here: 1 byte/s), nothing is written and nothing is reused."""
     assert passloop.worth_keeping(10.0, 2 * 2**30) and not passloop.worth_keeping(0.5, 2 * 2**30)
