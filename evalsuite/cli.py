@@ -7,6 +7,7 @@ Exit codes: 0 success; 1 a gate failed; 2 usage or configuration error; 3 run er
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from datetime import datetime
 from pathlib import Path
@@ -172,7 +173,7 @@ def config_from_args(args: argparse.Namespace):
 def _check_writable(out_dir: Path) -> None:
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
-        probe = out_dir / ".write-test"
+        probe = out_dir / f".write-test-{os.getpid()}"  # per process: torchrun ranks check the same directory
         probe.write_text("")
         probe.unlink()
     except OSError as exc:
