@@ -124,8 +124,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def default_cache_dir() -> Path:
-    import os
-
     if os.environ.get("EVALSUITE_REFERENCE_CACHE"):
         return Path(os.environ["EVALSUITE_REFERENCE_CACHE"])
     root = os.environ.get("EVALSUITE_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "evalsuite"

@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from evalsuite.errors import EvalsuiteError
 from evalsuite.head import apply_head, padded_head
+from evalsuite.loading import model_part
 
 # float32 bytes of one (C, V) logits chunk. On CUDA the fused kernel (kernels.py) needs no
 # temporaries beyond the chunk; the CPU path makes float64 copies, so its chunks stay small.
@@ -46,7 +47,7 @@ class Scorer:
         # Devices the parameters sit on (the run's device first): more than one for a sharded model.
         self.devices = tuple(dict.fromkeys([self._home, *(p.device for p in model.parameters()
                                                             if p.device.type != "meta")]))
-        self.input_device = _weight_device(_call(model, "get_input_embeddings")) or self._home
+        self.input_device = _weight_device(model_part(model, "get_input_embeddings")) or self._home
         self.head_device = _weight_device(head) or self._home
         self.split = self._verified_split()
         # (W (Vpad, H), bias (Vpad,) or None): see head.py. None: the head as it is.
@@ -127,13 +128,6 @@ def _to(x: torch.Tensor, device: torch.device) -> torch.Tensor:
     return x if x.device == device else x.to(device)
 
 
-def _call(model: torch.nn.Module, method: str):
-    try:
-        return getattr(model, method)()
-    except (AttributeError, NotImplementedError):
-        return None
-
-
 def _weight_device(module: torch.nn.Module | None) -> torch.device | None:
     """Where a module's weight sits (None where it has none, or it is offloaded to the meta device)."""
     weight = getattr(module, "weight", None)
@@ -165,14 +159,14 @@ def run_pass(scorer: Scorer, windows: list[np.ndarray], batch_size: int, on_chun
     import time
 
     device = scorer.device
-    gpus = [d for d in getattr(scorer, "devices", (device,)) if d.type == "cuda"]  # all the model's GPUs
+    gpus = [d for d in scorer.devices if d.type == "cuda"]  # all the model's GPUs
     total = sum(len(w) - 1 for w in windows)
     bar = tqdm(total=total, desc=desc, unit="tok", disable=not progress, leave=False, dynamic_ncols=True)
     _sync(gpus)
     for gpu in gpus:
         torch.cuda.reset_peak_memory_stats(gpu)
     t0 = time.perf_counter()
-    flat, starts = _upload(windows, scorer.device)
+    flat, starts = _upload(windows, device)
     i, offset = 0, 0
     while i < len(windows):
         length = len(windows[i])

@@ -160,6 +160,14 @@ def _offloaded(model: torch.nn.Module) -> list[str]:
     return names or meta
 
 
+def model_part(model: torch.nn.Module, method: str):
+    """model.method() (e.g. "get_output_embeddings"), or None where the architecture does not implement it."""
+    try:
+        return getattr(model, method)()
+    except (AttributeError, NotImplementedError):
+        return None
+
+
 def placement(model: torch.nn.Module) -> dict[str, int]:
     """Where the model's parameters are: {device: number of parameters}, tied weights once.
 

@@ -34,6 +34,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from evalsuite.loading import model_part
+
 HIST_SHIFT = 20  # float32 bits >> 20 keeps the 8 exponent bits and the top 3 mantissa bits
 HIST_BINS = 1 << (31 - HIST_SHIFT)  # 2048 bins cover every float32 magnitude
 HIST_BINS_PER_BIT = 1 << (23 - HIST_SHIFT)  # 8 (linear within each power of two)
@@ -68,7 +70,7 @@ def find_modules(model: torch.nn.Module) -> list[Watched]:
     """The modules to watch, in `named_modules` order (execution order is learned at run time)."""
     names = {id(m): n for n, m in model.named_modules()}
     out: list[Watched] = []
-    emb = _call(model, "get_input_embeddings")
+    emb = model_part(model, "get_input_embeddings")
     if emb is not None and id(emb) in names:
         out.append(Watched(names[id(emb)], "embedding", None, emb))
     found = _decoder_layers(model)
@@ -89,18 +91,10 @@ def find_modules(model: torch.nn.Module) -> list[Watched]:
         if "Norm" in type(m).__name__:
             layer = next((i for p, i in layer_of.items() if name.startswith(p + ".")), None)
             out.append(Watched(name, "norm", layer, m))
-    head = _call(model, "get_output_embeddings")
+    head = model_part(model, "get_output_embeddings")
     if head is not None and id(head) in names:
         out.append(Watched(names[id(head)], "lm_head", None, head))
     return out
-
-
-def _call(model: torch.nn.Module, method: str):
-    """model.method(), or None where the architecture does not implement it."""
-    try:
-        return getattr(model, method)()
-    except (AttributeError, NotImplementedError):
-        return None
 
 
 def _first_tensor(output) -> torch.Tensor | None:

@@ -80,6 +80,13 @@ def notify(observers, method: str, *args):
             fn(*args)
 
 
+def restore_observers(observers, ctx: PassContext, snapshots: list) -> None:
+    """Hand each observer its saved snapshot of a pass (a resumed or cached pass, another rank's)."""
+    for obs, snap in zip(observers, snapshots, strict=False):
+        if snap is not None and hasattr(obs, "restore"):
+            obs.restore(ctx, snap)
+
+
 def keep_reference(buffer, staged, pos: int, logits: torch.Tensor, tgt: torch.Tensor) -> None:
     buffer[pos : pos + len(tgt)] = logits  # copy_ casts in place: no float32 temporary
     _stage(staged, pos, reference_tokens(logits, tgt))

@@ -35,6 +35,7 @@ from evalsuite.passes import (
     compare,
     keep_reference,
     noise_pass,
+    restore_observers,
     staging,
     timed_pass,
 )
@@ -139,9 +140,7 @@ class Loop:
             self.noise.restore(0, noise, meta["noise_timing"], meta["noise_batch_size"])
         ctx = self.ctx(p, role, None, seg)
         snaps = meta.get("observers", [])
-        for obs, snap in zip(self.observers, snaps, strict=False):
-            if snap is not None and hasattr(obs, "restore"):
-                obs.restore(ctx, snap)
+        restore_observers(self.observers, ctx, snaps)
         self._collect(p.name, role, seg, snaps)
 
     def _snapshots(self, ctx: PassContext) -> list:
@@ -186,6 +185,11 @@ class Loop:
                            device_map=self.cfg.device_map)
         return model, time.perf_counter() - t0
 
+    def _scorer(self, model, p: Precision) -> Scorer:
+        scorer = Scorer(model, self.device)
+        self.prov.setdefault("padded_head", {})[p.name] = scorer.padded_head is not None
+        return scorer
+
     def _reference(self, seg: int, need_logits: bool) -> torch.Tensor | None:
         if self.segments is not None and self.refstore.has(seg, "reference"):
             try:
@@ -204,8 +208,7 @@ class Loop:
         model, load_s = self._load(cfg.reference)
         self.ref.timing["load_s"] += load_s
         with exact_fp32() as ref_flags:
-            scorer = Scorer(model, self.device)
-            self.prov.setdefault("padded_head", {})[cfg.reference.name] = scorer.padded_head is not None
+            scorer = self._scorer(model, cfg.reference)
             if self.segments is None:
                 tokens = buffer_tokens(cfg, self.device, scorer.vocab_size, self.windows.n_tokens)
                 self.segments = segments_of(self.windows.windows, tokens)
@@ -239,14 +242,14 @@ class Loop:
         self.state.save_plan(plan)
         if self.cache is not None:
             self.cache.save_plan(plan)
-        pass_s = meta["timing"]["pass_s"]
-        if worth_keeping(pass_s, buffer.numel() * buffer.element_size()):
+        pass_s, nbytes = meta["timing"]["pass_s"], buffer.numel() * buffer.element_size()
+        if worth_keeping(pass_s, nbytes):
             if need_logits or self.cache is not None:  # the cache keeps logits even when no dtype needs them now
                 self.refstore.save_logits(seg, buffer)
             self.refstore.save(seg, "reference", saved, meta)  # after the logits: "reference done" implies them
         elif self.not_kept is None and (self.cache is not None or self.state.enabled):
             self.not_kept = (f"recomputing the reference ({pass_s:.1f} s) is quicker than reading back its "
-                             f"{buffer.numel() * buffer.element_size() / 2**30:.1f} GiB of logits")
+                             f"{nbytes / 2**30:.1f} GiB of logits")
             say(f"reference not kept for reuse: {self.not_kept}")
         self._fault(ref_name)
         return buffer if need_logits else None
@@ -261,8 +264,7 @@ class Loop:
             return
         test.timing["load_s"] += load_s
         self.prov.setdefault("test_flags", numeric_flags())
-        scorer = Scorer(model, self.device)
-        self.prov.setdefault("padded_head", {})[p.name] = scorer.padded_head is not None
+        scorer = self._scorer(model, p)
         first, last, offset = self.segments[seg]
         seg_windows = self.windows.windows[first:last]
         ctx = self.ctx(p, "test", model, seg)

@@ -36,6 +36,7 @@ import torch
 
 from evalsuite.logits_io import BackgroundWriter, read_logits, write_logits
 from evalsuite.results import atomic_write, atomic_write_text
+from evalsuite.state import pass_writer, read_pass
 
 FORMAT = 1
 _SKIP_SUFFIXES = (".md", ".lock")
@@ -199,11 +200,11 @@ class ReferenceCache:
 
     def save(self, segment: int, name: str, arrays: dict[str, np.ndarray], meta: dict) -> None:
         """Queued behind this segment's logits: the manifest appears only when both are on disk."""
-        payload = {**arrays, "__meta__": np.array(json.dumps(meta))}
+        write_arrays = pass_writer(arrays, meta)
 
         def write():
             path = self.dir / f"seg{segment}-reference.npz"
-            atomic_write(path, lambda fh: np.savez(fh, **payload), durable=False)
+            atomic_write(path, write_arrays, durable=False)
             manifest = {"arrays_sha256": _sha256_file(path), "arrays_bytes": path.stat().st_size,
                         **self._pending.pop(segment, {})}
             atomic_write_text(self._seg(segment), json.dumps(manifest))
@@ -225,9 +226,7 @@ class ReferenceCache:
         path = self.dir / f"seg{segment}-reference.npz"
         if not path.is_file() or _sha256_file(path) != manifest.get("arrays_sha256"):
             raise CacheCorrupt(f"{path.name} is missing or does not match its manifest")
-        with np.load(path) as data:
-            arrays = {k: data[k] for k in data.files if k != "__meta__"}
-            meta = json.loads(str(data["__meta__"]))
+        arrays, meta = read_pass(path)
         self.hit_segments.add(segment)
         return arrays, meta
 

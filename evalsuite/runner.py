@@ -21,7 +21,7 @@ from evalsuite.errors import EvalsuiteError, UsageError
 from evalsuite.forward import auto_batch_size
 from evalsuite.loading import check_model_source, hidden_size, load_tokenizer, stored_dtype
 from evalsuite.logits_io import BackgroundWriter
-from evalsuite.passes import PassContext, TokenArrays
+from evalsuite.passes import PassContext, TokenArrays, restore_observers
 from evalsuite.passloop import QUIET, Loop, say
 from evalsuite.precision import DTYPES, Precision, unsupported_reason
 from evalsuite.refcache import ReferenceCache, cache_fields, checkpoint_digest, tokens_digest
@@ -233,13 +233,11 @@ def _payload(loop: Loop) -> dict:
 
 def _merge(loop: Loop, parts: list[dict], windows) -> None:
     """Rank 0: the whole corpus's arrays in window order, and every rank's findings in its observers."""
-    from evalsuite.distributed import concat_arrays
-
-    loop.ref = concat_arrays([p["ref"] for p in parts], TokenArrays)
+    loop.ref = distributed.concat_arrays([p["ref"] for p in parts], TokenArrays)
     noises = [p["noise"] for p in parts if p["noise"] is not None]
-    loop.noise = concat_arrays(noises, TokenArrays) if noises else None
+    loop.noise = distributed.concat_arrays(noises, TokenArrays) if noises else None
     for name in list(loop.arrays):
-        loop.arrays[name] = concat_arrays([p["arrays"][name] for p in parts], TokenArrays)
+        loop.arrays[name] = distributed.concat_arrays([p["arrays"][name] for p in parts], TokenArrays)
     for p in parts[1:]:
         for name, msg in p["failed"].items():
             loop.failed.setdefault(name, msg)
@@ -248,7 +246,5 @@ def _merge(loop: Loop, parts: list[dict], windows) -> None:
         for dtype, role, seg, snaps in p["snapshots"]:
             ctx = PassContext(DTYPES[dtype], role, None, loop.tokenizer, loop.device, loop.cfg, windows, seg,
                               (0, 0, 0), loop.batch)
-            for obs, snap in zip(loop.observers, snaps, strict=False):
-                if snap is not None and hasattr(obs, "restore"):
-                    obs.restore(ctx, snap)
+            restore_observers(loop.observers, ctx, snaps)
     loop.windows = windows

@@ -38,6 +38,21 @@ def fingerprint(fields: dict) -> str:
     return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()
 
 
+def pass_writer(arrays: dict[str, np.ndarray], meta: dict):
+    """A writer for atomic_write: one pass's per-token arrays and its JSON metadata in one .npz
+    (the format of the resume state and of the reference cache)."""
+    payload = {**arrays, "__meta__": np.array(json.dumps(meta))}
+    return lambda fh: np.savez(fh, **payload)
+
+
+def read_pass(path: Path) -> tuple[dict[str, np.ndarray], dict]:
+    """(arrays, meta) of a file written through `pass_writer`."""
+    with np.load(path) as data:
+        arrays = {k: data[k] for k in data.files if k != "__meta__"}
+        meta = json.loads(str(data["__meta__"]))
+    return arrays, meta
+
+
 class RunState:
     """Files in `<out>/.state`; `enabled=False` makes every method a no-op (nothing is kept)."""
 
@@ -87,9 +102,8 @@ class RunState:
     def save(self, segment: int, name: str, arrays: dict[str, np.ndarray], meta: dict) -> None:
         if not self.enabled:
             return
-        payload = {**arrays, "__meta__": np.array(json.dumps(meta))}
         path = self._arrays_path(segment, name)
-        self._submit(lambda: atomic_write(path, lambda fh: np.savez(fh, **payload)))
+        self._submit(lambda: atomic_write(path, pass_writer(arrays, meta)))
 
     def _submit(self, write) -> None:
         if self.writer is None:
@@ -98,10 +112,7 @@ class RunState:
             self.writer.submit(write)
 
     def load(self, segment: int, name: str) -> tuple[dict[str, np.ndarray], dict]:
-        with np.load(self._arrays_path(segment, name)) as data:
-            arrays = {k: data[k] for k in data.files if k != "__meta__"}
-            meta = json.loads(str(data["__meta__"]))
-        return arrays, meta
+        return read_pass(self._arrays_path(segment, name))
 
     # --- the reference's logits for one segment ---
     def _logits_path(self, segment: int) -> Path:
