@@ -164,6 +164,7 @@ def evalsuite_run(path: Path, text: Path, n_tokens: int, out_dir: Path, extra: l
     log(f"evalsuite {' '.join(extra) or '(defaults)'}: exit {code}, wall {wall:.1f} s; " + "; ".join(
         f"{k} {d['tokens_per_s'] or 0:,.0f} tok/s pass {d['timing'].get('pass_s', 0):.2f} s load "
         f"{d['timing'].get('load_s', 0):.2f} s peak {d['timing'].get('peak_memory_gib', 0):.1f} GiB"
+        + (f" compile {d['timing']['compile_s']:.1f} s" if "compile_s" in d["timing"] else "")
         for k, d in entry["dtypes"].items()) + f"; run_timing {entry['run_timing']}")
     return entry
 
@@ -218,6 +219,8 @@ def stage_model(name: str, args, out: dict, reserve_to_gib: float | None = None)
     if reserve_to_gib is None:  # the pass at the plain loop's batch size, beside the automatic one
         plan.append((f"no_cache_batch{plain_batch}", base + ["--no-reference-cache", "--no-resume", "--batch-size",
                                                            str(plain_batch)]))
+    if reserve_to_gib is None:  # --compile (compiled.py), compared token by token with no_cache below
+        plan.append(("no_cache_compile", base + ["--no-reference-cache", "--no-resume", "--compile"]))
     if reserve_to_gib is None and args.bench:
         plan.append(("with_zh_mc", ["--no-reference-cache", "--no-resume", "--tasks", "zh_mc"]))
     plan = [(label, extra) for label, extra in plan if args.runs is None or label in args.runs]
@@ -229,11 +232,28 @@ def stage_model(name: str, args, out: dict, reserve_to_gib: float | None = None)
             log(f"evalsuite {label} failed:", runs[label])
         free_cuda()
     res["evalsuite"] = runs
+    if "no_cache" in runs and "no_cache_compile" in runs:
+        res["compiled_vs_eager"] = compare_runs(runs_root / "no_cache", runs_root / "no_cache_compile")
+        log(f"compiled vs eager: {res['compiled_vs_eager']}")
     del placeholder
     free_cuda()
     shutil.rmtree(cache, ignore_errors=True)
     shutil.rmtree(runs_root, ignore_errors=True)
     return path
+
+
+def compare_runs(eager: Path, compiled: Path) -> dict:
+    """Per test dtype: how a --compile run's per-token numbers differ from the eager run's."""
+    a, b = np.load(eager / "per_token.npz"), np.load(compiled / "per_token.npz")
+    out = {}
+    for name in sorted({k.split("/")[0] for k in a.files if k.endswith("/kl")}):
+        ka, kb = a[f"{name}/kl"], b[f"{name}/kl"]
+        out[name] = {"tokens": int(len(ka)), "nll_identical": float(np.mean(a[f"{name}/nll"] == b[f"{name}/nll"])),
+                     "argmax_identical": float(np.mean(a[f"{name}/argmax"] == b[f"{name}/argmax"])),
+                     "kl_mean_eager": float(ka.mean()), "kl_mean_compiled": float(kb.mean()),
+                     "kl_mean_rel_diff": float((kb.mean() - ka.mean()) / ka.mean()) if ka.mean() else None,
+                     "kl_max_abs_diff": float(np.abs(kb - ka).max())}
+    return out
 
 
 def stage_dp(args, out: dict, path: Path, name: str, nprocs=(1, 2)) -> None:

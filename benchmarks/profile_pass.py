@@ -46,11 +46,15 @@ def main() -> int:
     ap.add_argument("--tokens", type=int, default=65536)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--more-batches", default="16,32", help="the whole pass again at these batch sizes")
+    ap.add_argument("--dtype", default="bf16", choices=("bf16", "fp16"))
+    ap.add_argument("--numerics", action="store_true",
+                    help="the test pass's numerics hooks attached (absmax per watched module), as a run has them")
     args = ap.parse_args()
     from transformers import AutoTokenizer
 
     from evalsuite.forward import Scorer, run_pass
     from evalsuite.loading import load_model
+    from evalsuite.numerics_hooks import Recorder, find_modules
     from evalsuite.passes import compare, staging
     from evalsuite.precision import DTYPES
 
@@ -61,15 +65,25 @@ def main() -> int:
     n = ids.shape[0] * (ids.shape[1] - 1)
     dev = torch.device("cuda")
     res: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "shape": args.shape,
-                 "vocab": vocab, "tokens": n, "batch": args.batch}
+                 "vocab": vocab, "tokens": n, "batch": args.batch, "dtype": args.dtype, "numerics": args.numerics}
+    tdtype = DTYPES[args.dtype].dtype
 
-    model, _ = baselines.load_for_plain_loop(path, torch.bfloat16)
+    model, _ = baselines.load_for_plain_loop(path, tdtype)
     res["plain_loop_tok_s"] = baselines.plain_loop(model, ids, args.batch)["tokens_per_s"]
     del model
     torch.cuda.empty_cache()
 
-    model = load_model(str(path), DTYPES["bf16"], dev)
+    model = load_model(str(path), DTYPES[args.dtype], dev)
     scorer = Scorer(model, dev)
+    recorder = None
+    if args.numerics:
+        recorder = Recorder(find_modules(model), dev, histogram=False)
+        recorder.attach()
+
+    def on_batch(offset, ids):
+        if recorder is not None:
+            recorder.start_batch(offset)
+
     res["chunk_tokens"] = scorer.chunk_tokens
     ids_dev = ids.to(dev)
     dec = model.get_decoder()
@@ -88,7 +102,8 @@ def main() -> int:
     staged = staging(n, dev, divergence=True)
 
     def whole_pass():
-        run_pass(scorer, windows, args.batch, partial(compare, buffer, staged), "pass", progress=False)
+        run_pass(scorer, windows, args.batch, partial(compare, buffer, staged), "pass", progress=False,
+                 on_batch=on_batch)
 
     for name, fn in (("body", body), ("body_head", chunks_only), ("pass", whole_pass)):
         s = min(timed(fn) for _ in range(2))
@@ -101,19 +116,23 @@ def main() -> int:
     res["padded_head"] = scorer.padded_head is not None
     for b in (int(x) for x in args.more_batches.split(",") if x):
         def at_batch(b=b):
-            run_pass(scorer, windows, b, partial(compare, buffer, staged), "pass", progress=False)
+            run_pass(scorer, windows, b, partial(compare, buffer, staged), "pass", progress=False, on_batch=on_batch)
         s = min(timed(at_batch) for _ in range(2))
         res[f"pass_batch{b}_tok_s"] = n / s
         res[f"pass_batch{b}_vs_plain"] = n / s / res["plain_loop_tok_s"]
-    del scorer, model, buffer, staged
+    del scorer, model, buffer, staged, recorder
+    recorder = None
     torch.cuda.empty_cache()
-    model, _ = baselines.load_for_plain_loop(path, torch.bfloat16)
+    model, _ = baselines.load_for_plain_loop(path, tdtype)
     for b in (int(x) for x in args.more_batches.split(",") if x):  # the plain loop at the same batch sizes
         res[f"plain_loop_batch{b}_tok_s"] = baselines.plain_loop(model, ids, b)["tokens_per_s"]
     del model
     torch.cuda.empty_cache()
-    model = load_model(str(path), DTYPES["bf16"], dev)
+    model = load_model(str(path), DTYPES[args.dtype], dev)
     scorer = Scorer(model, dev)
+    if args.numerics:
+        recorder = Recorder(find_modules(model), dev, histogram=False)
+        recorder.attach()
     buffer = torch.randn(n, scorer.vocab_size, device=dev) * 2
     staged = staging(n, dev, divergence=True)
     for k, v in res.items():
@@ -126,8 +145,9 @@ def main() -> int:
         torch.cuda.synchronize()
     table = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=30)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "profile_pass.txt").write_text(table)
-    (args.out / "profile_pass.json").write_text(json.dumps(res, indent=1))
+    stem = f"profile_pass_{args.shape}_{args.dtype}{'_numerics' if args.numerics else ''}"
+    (args.out / f"{stem}.txt").write_text(table)
+    (args.out / f"{stem}.json").write_text(json.dumps(res, indent=1))
     print(table[:6000])
     return 0
 

@@ -39,6 +39,7 @@ class RunConfig:
     device_map: str | None = None  # "auto": shard each model over the visible GPUs through accelerate
     reference_cache: Path | None = None  # directory of cached reference passes (refcache.py); None = off
     reference_cache_gib: float = 64.0  # the cache evicts least recently used entries beyond this size
+    compile: bool = False  # torch.compile the 2-byte test models' attention/MLP/norm modules (compiled.py)
 
     def __post_init__(self) -> None:
         if self.seq_len < 1:
@@ -91,6 +92,7 @@ class RunConfig:
             "device_map": self.device_map,
             "reference_cache": str(self.reference_cache) if self.reference_cache else None,
             "reference_cache_gib": self.reference_cache_gib,
+            "compile": self.compile,
         }
 
 

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from evalsuite.compiled import compile_modules, warm_up
 from evalsuite.errors import EvalsuiteError
 from evalsuite.head import apply_head, padded_head
 from evalsuite.loading import model_part
@@ -37,7 +38,8 @@ class Scorer:
     device nothing is copied.
     """
 
-    def __init__(self, model: torch.nn.Module, device: torch.device, pad_head: bool | None = None):
+    def __init__(self, model: torch.nn.Module, device: torch.device, pad_head: bool | None = None,
+                 compile: bool = False):
         self.model = model
         self.device = device
         self._home = concrete(device)
@@ -52,6 +54,9 @@ class Scorer:
         self.split = self._verified_split()
         # (W (Vpad, H), bias (Vpad,) or None): see head.py. None: the head as it is.
         self.padded_head = padded_head(head, self.vocab_size, pad_head, self.sharded) if self.split else None
+        # --compile (compiled.py): after the split check, whose (1, 12) probe would fix batch size 1
+        self.compiled: list[str] = compile_modules(model) if compile else []
+        self.compile_s = warm_up(self._forward_ids, self.vocab_size, self.input_device) if self.compiled else None
 
     @property
     def sharded(self) -> bool:
@@ -71,9 +76,14 @@ class Scorer:
 
     def _body(self, ids: torch.Tensor) -> torch.Tensor:
         """The decoder's last hidden state (B, T, H), on the LM head's device."""
-        out = self.model.get_decoder()(input_ids=_to(ids, self.input_device), use_cache=False)
+        one = self.compiled and ids.shape[0] == 1  # compiled code is specialised for batches >= 2
+        out = self.model.get_decoder()(input_ids=_to(ids.expand(2, -1) if one else ids, self.input_device),
+                                       use_cache=False)
         hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
-        return _to(hidden, self.head_device)  # once per batch, not once per chunk in the head's hook
+        return _to(hidden[:1] if one else hidden, self.head_device)  # once per batch, not per chunk
+
+    def _forward_ids(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=ids, use_cache=False).logits
 
     @torch.inference_mode()
     def _verified_split(self) -> bool:
@@ -109,7 +119,7 @@ class Scorer:
                 stop = min(start + self.chunk_tokens, hidden.shape[0])
                 yield start, _to(self._split_logits(hidden[start:stop]), home), targets[start:stop]
         else:
-            logits = self.model(input_ids=_to(inputs, self.input_device), use_cache=False).logits  # (B, T, V)
+            logits = self._forward_ids(_to(inputs, self.input_device))  # (B, T, V)
             logits = logits.reshape(-1, logits.shape[-1])
             for start in range(0, logits.shape[0], self.chunk_tokens):
                 stop = min(start + self.chunk_tokens, logits.shape[0])

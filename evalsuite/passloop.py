@@ -185,9 +185,16 @@ class Loop:
                            device_map=self.cfg.device_map)
         return model, time.perf_counter() - t0
 
-    def _scorer(self, model, p: Precision) -> Scorer:
-        scorer = Scorer(model, self.device)
+    def _scorer(self, model, p: Precision, arrays: TokenArrays | None = None) -> Scorer:
+        """The pass's Scorer; test passes in 2-byte dtypes compiled under --compile (compiled.py)."""
+        compile = self.cfg.compile and arrays is not None and p.dtype.itemsize == 2
+        scorer = Scorer(model, self.device, compile=compile)
         self.prov.setdefault("padded_head", {})[p.name] = scorer.padded_head is not None
+        if scorer.compiled:
+            arrays.timing["compile_s"] = arrays.timing.get("compile_s", 0.0) + scorer.compile_s
+            info = self.prov.setdefault("compiled", {"backend": "inductor", "dynamic": True,
+                                                     "emulate_precision_casts": True, "dtypes": {}})
+            info["dtypes"][p.name] = {"modules": len(scorer.compiled), "compile_s": round(scorer.compile_s, 3)}
         return scorer
 
     def _reference(self, seg: int, need_logits: bool) -> torch.Tensor | None:
@@ -264,7 +271,7 @@ class Loop:
             return
         test.timing["load_s"] += load_s
         self.prov.setdefault("test_flags", numeric_flags())
-        scorer = self._scorer(model, p)
+        scorer = self._scorer(model, p, test)
         first, last, offset = self.segments[seg]
         seg_windows = self.windows.windows[first:last]
         ctx = self.ctx(p, "test", model, seg)
@@ -278,6 +285,8 @@ class Loop:
         else:
             meta = {"timing": _timing(test, load_s, before), "batch_size": test.batch_size,
                     "observers": self._snapshots(ctx)}
+            if scorer.compiled:
+                meta["timing"]["compile_s"] = scorer.compile_s
             self.state.save(seg, p.name, test.segment(offset, len(buffer)), meta)
         del scorer, ctx, staged
         unload(model)

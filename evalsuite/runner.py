@@ -52,7 +52,7 @@ def _state_fields(cfg: RunConfig, source: str, device: torch.device, corpus_iden
             "batch_size": cfg.batch_size, "noise_tokens": cfg.noise_tokens, "buffer_gib": cfg.buffer_gib,
             "attn": cfg.attn_implementation, "device": str(device), "numerics": cfg.numerics,
             "headroom_margin_bits": cfg.headroom_margin_bits, "tasks": list(cfg.tasks),
-            "num_fewshot": cfg.num_fewshot, "limit": cfg.limit, "device_map": cfg.device_map}
+            "num_fewshot": cfg.num_fewshot, "limit": cfg.limit, "device_map": cfg.device_map, "compile": cfg.compile}
 
 
 def _open_cache(cfg: RunConfig, source: str, device: torch.device, windows, observers, batch: int,
