@@ -223,7 +223,10 @@ def stage_model(name: str, args, out: dict, reserve_to_gib: float | None = None)
         plan.append(("no_cache_compile", base + ["--no-reference-cache", "--no-resume", "--compile"]))
     if reserve_to_gib is None and args.bench:
         plan.append(("with_zh_mc", ["--no-reference-cache", "--no-resume", "--tasks", "zh_mc"]))
-    plan = [(label, extra) for label, extra in plan if args.runs is None or label in args.runs]
+    if args.runs is not None:  # in the order given; a label given twice runs twice (order effects)
+        defs = dict(plan)
+        plan = [(f"{label}#{args.runs[:i].count(label) + 1}" if args.runs[:i].count(label) else label, defs[label])
+                for i, label in enumerate(args.runs) if label in defs]
     for label, extra in plan:
         try:
             runs[label] = evalsuite_run(path, args.text, n_tokens, runs_root / label, extra)
@@ -294,11 +297,12 @@ def main() -> None:
     ap.add_argument("--tokens", default="", help="e.g. small=131072,large=65536")
     ap.add_argument("--no-lmeval", dest="lmeval", action="store_false")
     ap.add_argument("--no-bench", dest="bench", action="store_false")
-    ap.add_argument("--runs", default=None, help="evalsuite runs to make (default all): cold,cached,no_cache,no_cache_batchN,with_zh_mc")
+    ap.add_argument("--runs", default=None, help="evalsuite runs to make, in this order (default all): cold,cached,no_cache,no_cache_batchN,"
+                    "no_cache_compile,with_zh_mc")
     ap.add_argument("--smoke", action="store_true", help="tiny model, CPU allowed: checks this script, measures nothing")
     args = ap.parse_args()
     args.tokens = {k: int(v) for k, v in (p.split("=") for p in args.tokens.split(",") if p)}
-    args.runs = set(args.runs.split(",")) if args.runs else None
+    args.runs = args.runs.split(",") if args.runs else None
     args.out.mkdir(parents=True, exist_ok=True)
     stages = args.stages.split(",")
     out: dict = {"device": torch.cuda.get_device_name(0) if DEVICE == "cuda" else "cpu",

@@ -51,11 +51,13 @@ class Scorer:
                                                             if p.device.type != "meta")]))
         self.input_device = _weight_device(model_part(model, "get_input_embeddings")) or self._home
         self.head_device = _weight_device(head) or self._home
+        self.compiled: list[str] = []  # names of the modules compiled under --compile (set below)
+        self.split_reason: str | None = None  # why the full forward is used, where it is
         self.split = self._verified_split()
         # (W (Vpad, H), bias (Vpad,) or None): see head.py. None: the head as it is.
         self.padded_head = padded_head(head, self.vocab_size, pad_head, self.sharded) if self.split else None
         # --compile (compiled.py): after the split check, whose (1, 12) probe would fix batch size 1
-        self.compiled: list[str] = compile_modules(model) if compile else []
+        self.compiled = compile_modules(model) if compile else []
         self.compile_s = warm_up(self._forward_ids, self.vocab_size, self.input_device) if self.compiled else None
 
     @property
@@ -92,17 +94,22 @@ class Scorer:
         except (AttributeError, NotImplementedError):
             return False
         if decoder is None or decoder is self.model or self.model.get_output_embeddings() is None:
+            self.split_reason = "no separate decoder and output embedding"
             return False
         gen = torch.Generator().manual_seed(0)
         probe = torch.randint(0, self.vocab_size, (1, 12), generator=gen).to(self.input_device)
         try:
             full = self.model(input_ids=probe, use_cache=False).logits
             split = _to(self._split_logits(self._body(probe), padded=False), full.device)  # compared where the full forward ends
-        except Exception:
+        except Exception as exc:  # an architecture whose decoder can't be called alone; recorded in provenance
+            self.split_reason = f"the decoder alone raised {type(exc).__name__}: {str(exc)[:200]}"
             return False
-        return full.shape == split.shape and torch.equal(full.isnan(), split.isnan()) and bool(
+        same = full.shape == split.shape and torch.equal(full.isnan(), split.isnan()) and bool(
             torch.allclose(full.float().nan_to_num(), split.float().nan_to_num(), rtol=1e-4, atol=1e-4)
         )
+        if not same:
+            self.split_reason = "decoder + head did not reproduce the model's logits on a probe"
+        return same
 
     @torch.inference_mode()
     def chunks(self, ids: torch.Tensor) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:

@@ -219,6 +219,8 @@ class Loop:
             if self.segments is None:
                 tokens = buffer_tokens(cfg, self.device, scorer.vocab_size, self.windows.n_tokens)
                 self.segments = segments_of(self.windows.windows, tokens)
+                if scorer.split_reason:
+                    self.prov["logits_path_reason"] = scorer.split_reason
                 self.prov.update(reference_flags=ref_flags, logits_path=scorer.logits_path,
                                  chunk_tokens=scorer.chunk_tokens, buffer_tokens=tokens,
                                  n_segments=len(self.segments),

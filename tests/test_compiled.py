@@ -58,11 +58,13 @@ def test_hooks_still_fire_around_compiled_modules(tiny_llama):
     np.testing.assert_allclose(compiled, eager, rtol=1e-2)  # BF16 absmax: one ulp is 2^-8
 
 
-def test_compiled_run_agrees_with_eager(tiny_llama, tmp_path):
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU")])])
+def test_compiled_run_agrees_with_eager(tiny_llama, tmp_path, device):
     """A whole run with --compile against the same run eager: same tokens, numbers within a few percent
     of the dtype's own divergence, compile time recorded apart from the pass, the reference eager.
     --max-tokens leaves a last window of its own length, run as a batch of one (two copies)."""
-    common = ["run", "--model", str(tiny_llama), "--device", "cpu", "--dtypes", "bf16", "--seq-len", "96",
+    common = ["run", "--model", str(tiny_llama), "--device", device, "--dtypes", "bf16", "--seq-len", "96",
               "--max-tokens", "1000", "--batch-size", "4", "--tasks", "none", "--no-progress",
               "--no-reference-cache", "--no-resume"]
     assert main([*common, "--out", str(tmp_path / "eager")]) == 0
@@ -79,6 +81,7 @@ def test_compiled_run_agrees_with_eager(tiny_llama, tmp_path):
     assert prov["dtypes"]["bf16"]["modules"] == 2 * 4 + 1  # 2 layers x (attention, MLP, 2 norms) + final norm
     assert c["timing"]["compile_s"] > 0 and "compile_s" not in e["timing"]
     assert "compiled" not in res["eager"]["provenance"]
+    assert {r["provenance"]["logits_path"] for r in res.values()} == {"decoder-then-chunked-head"}
     assert res["compiled"]["config"]["compile"] is True
     # the test pass's observers (hooks around the compiled modules) sampled every layer, as eager
     layers = [r["numerics"]["layer_error"]["bf16"] for r in res.values()]

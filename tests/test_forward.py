@@ -142,3 +142,22 @@ def test_automatic_batch_size_holds_tokens_times_width(tiny_llama):
     assert auto_batch_size(CPU, 64, 4096) == 16  # the CPU keeps its small batches
     assert hidden_size(str(tiny_llama)) == 64
     assert hidden_size("/nonexistent/model") is None
+
+
+@pytest.mark.parametrize("fixture", ["tiny_llama", "tiny_qwen_no_bos"])
+def test_decoder_then_chunked_head_is_used(fixture, request):
+    """The split (no full-vocabulary logits for a batch) must not fall back silently: a bug in the
+    split's own code once made every run take the full forward, with the same numbers and 10 GiB
+    more memory on an H200 (found by benchmarks/perf_gpu.py)."""
+    from evalsuite.loading import load_model
+    from evalsuite.precision import DTYPES
+
+    scorer = Scorer(load_model(str(request.getfixturevalue(fixture)), DTYPES["bf16"], CPU), CPU)
+    assert scorer.split and scorer.logits_path == "decoder-then-chunked-head" and scorer.split_reason is None
+
+
+def test_why_the_full_forward_is_used_is_recorded(tiny_llama, monkeypatch):
+    model = load_model(str(tiny_llama), DTYPES["fp32"], CPU)
+    monkeypatch.setattr(Scorer, "_body", lambda self, ids: (_ for _ in ()).throw(TypeError("no decoder call")))
+    scorer = Scorer(model, CPU)
+    assert not scorer.split and "TypeError: no decoder call" in scorer.split_reason
