@@ -94,3 +94,50 @@ def test_too_short_corpus():
     with pytest.raises(CorpusError, match="too short"):
         tokenize(["x"], _OneTokenTokenizer(), seq_len=8)
     assert tokenize(["x", "y"], _OneTokenTokenizer(), seq_len=8).n_tokens == 1
+
+
+def _naive_bytes(docs, ids, offsets):
+    """Per token, the UTF-8 bytes from the previous token's end (doc start for the first) to its end."""
+    out = []
+    for doc, doc_ids, doc_offsets in zip(docs, ids, offsets, strict=True):
+        prev, high = 0, 0
+        for k, (_, end) in enumerate(doc_offsets[: len(doc_ids)]):
+            high = max(high, end)
+            stop = len(doc) if k == len(doc_ids) - 1 else high
+            out.append(len(doc[prev:stop].encode("utf-8")))
+            prev = stop
+    return np.array(out, dtype=np.int64)
+
+
+def test_bytes_per_token_against_a_naive_loop():
+    from evalsuite.corpus import _bytes_from_offsets
+
+    rng = np.random.default_rng(0)
+    alphabet = list("ab 中文字\n") + ["😀", "é"]
+    docs, ids, offsets = [], [], []
+    for _ in range(40):
+        doc = "".join(rng.choice(alphabet, size=int(rng.integers(1, 30)))) + "\n"
+        n = int(rng.integers(0, 6))  # some docs give no token at all
+        ends = np.sort(rng.integers(0, len(doc) + 1, size=n))
+        if n and rng.random() < 0.3:
+            ends = ends[::-1].copy()  # offsets need not grow (byte-fallback tokens): a running max is used
+        docs.append(doc)
+        ids.append(list(range(n)))
+        offsets.append([(0, int(e)) for e in ends])
+    got = _bytes_from_offsets(docs, ids, offsets)
+    np.testing.assert_array_equal(got, _naive_bytes(docs, ids, offsets))
+    assert got.sum() == sum(len(d.encode("utf-8")) for d, x in zip(docs, ids, strict=True) if x)
+
+
+def test_direct_backend_encoding_matches_the_tokenizer_call(tiny_llama):
+    from evalsuite.corpus import _encode
+
+    tok = load_tokenizer(str(tiny_llama))
+    docs = [line + "\n" for line in load_texts(CorpusSpec())[0][:50]] + ["<s> special </s>\n"]
+    enc = tok(docs, add_special_tokens=False, return_offsets_mapping=True)
+    ids, offsets = _encode(tok, docs)
+    assert [list(x) for x in ids] == enc["input_ids"]
+    assert [[tuple(o) for o in x] for x in offsets] == [[tuple(o) for o in x] for x in enc["offset_mapping"]]
+    tok.backend_tokenizer.enable_truncation(4)  # set in a tokenizer.json: the tokenizer call turns it off
+    ids, _ = _encode(tok, docs)
+    assert [list(x) for x in ids] == enc["input_ids"]
