@@ -9,8 +9,9 @@ left on a pass that is otherwise the model's own GEMMs.
 Why these modules and not the whole decoder: evalsuite's numerics observers hook the decoder
 layers and their attention/MLP/norm children. Compiling a module's `forward` (not its `__call__`)
 keeps every hook in eager Python around the compiled code, so the observers see the same
-tensors; a compiled decoder would inline the hooks and, because Dynamo does not guard on hooks,
-silently keep the first pass's. The residual adds between the modules stay eager.
+tensors; a compiled decoder would trace the hooks into its graph, and Dynamo by default does not
+guard on hooks (`skip_nnmodule_hook_guards`), so hooks attached for a later pass could go unseen.
+The residual adds between the modules stay eager.
 
 Why the numbers can be trusted: inductor's `emulate_precision_casts` rounds each fused
 intermediate to the dtype eager would have rounded it to, so a BF16/FP16 module computes what

@@ -135,6 +135,15 @@ def test_report_sections_and_numbers():
     assert "noise floor" in html
 
 
+def test_compiled_test_passes_are_said_in_the_header():
+    assert "ran compiled" not in _text(render_report(make_results()))
+    r = make_results()
+    r["provenance"]["compiled"] = {"backend": "inductor", "dtypes": {"bf16": {"modules": 9}, HOSTILE: {}}}
+    text = _text(render_report(r))
+    assert "Test passes of" in text and "bf16\n    ran compiled" in text and "&lt;script&gt;" in text
+    assert HOSTILE not in render_report(r)  # escaped like every other string
+
+
 def test_absent_sections_are_absent():
     r = make_results()
     for key in ("kl_histograms", "worst_tokens", "noise_floor", "noise_floor_detail"):
