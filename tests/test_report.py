@@ -140,7 +140,7 @@ def test_compiled_test_passes_are_said_in_the_header():
     r = make_results()
     r["provenance"]["compiled"] = {"backend": "inductor", "dtypes": {"bf16": {"modules": 9}, HOSTILE: {}}}
     text = _text(render_report(r))
-    assert "Test passes of" in text and "bf16\n    ran compiled" in text and "&lt;script&gt;" in text
+    assert "The test models of" in text and "bf16\n    ran compiled" in text and "&lt;script&gt;" in text
     assert HOSTILE not in render_report(r)  # escaped like every other string
 
 
