@@ -79,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--trust-remote-code", action="store_true", help="allow code from the checkpoint (off by default)")
     run.add_argument("--compile", action="store_true",
                      help="torch.compile the FP16/BF16 models' attention, MLP and norm modules: faster passes on "
-                          "long runs, after tens of seconds of compiling per dtype (README: Speed and memory)")
+                          "long runs, after a few seconds of compiling per dtype; not bit-identical to eager (README: Speed and memory)")
     run.add_argument("--no-progress", action="store_true", help="no progress bars")
     run.add_argument("--fresh", action="store_true",
                      help="discard an unfinished run in --out instead of resuming it")

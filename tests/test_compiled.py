@@ -87,3 +87,20 @@ def test_compiled_run_agrees_with_eager(tiny_llama, tmp_path, device):
     layers = [r["numerics"]["layer_error"]["bf16"] for r in res.values()]
     assert [(x["layer"], x["n_tokens"]) for x in layers[0]] == [(x["layer"], x["n_tokens"]) for x in layers[1]]
     assert len(layers[0]) == 3 and all(x["n_tokens"] > 0 for x in layers[1])
+
+
+def test_a_failed_compilation_is_one_line(tiny_llama, tmp_path, capsys, monkeypatch):
+    """No C++ compiler (CPU) or no Triton (GPU): a one-line error that names the way out."""
+    from helpers import one_line_error
+
+    def broken(fn, **kwargs):
+        def call(*args, **kw):
+            raise RuntimeError("InductorError: no working C++ compiler found\nmore lines")
+        return call
+
+    monkeypatch.setattr(torch, "compile", broken)
+    rc = main(["run", "--model", str(tiny_llama), "--device", "cpu", "--dtypes", "bf16", "--seq-len", "32",
+               "--max-tokens", "64", "--tasks", "none", "--no-progress", "--no-reference-cache",
+               "--out", str(tmp_path), "--compile"])
+    line = one_line_error(capsys, rc, 3)
+    assert "--compile failed" in line and "no working C++ compiler" in line and "run without --compile" in line
