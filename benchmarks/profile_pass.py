@@ -75,10 +75,15 @@ def main() -> int:
 
     model = load_model(str(path), DTYPES[args.dtype], dev)
     scorer = Scorer(model, dev)
-    recorder = None
-    if args.numerics:
-        recorder = Recorder(find_modules(model), dev, histogram=False)
-        recorder.attach()
+    def attach_recorder(model) -> Recorder | None:
+        """The test pass's numerics hooks (absmax per watched module), with --numerics."""
+        if not args.numerics:
+            return None
+        rec = Recorder(find_modules(model), dev, histogram=False)
+        rec.attach()
+        return rec
+
+    recorder = attach_recorder(model)
 
     def on_batch(offset, ids):
         if recorder is not None:
@@ -120,8 +125,8 @@ def main() -> int:
         s = min(timed(at_batch) for _ in range(2))
         res[f"pass_batch{b}_tok_s"] = n / s
         res[f"pass_batch{b}_vs_plain"] = n / s / res["plain_loop_tok_s"]
-    del scorer, model, buffer, staged, recorder
-    recorder = None
+    del scorer, model, buffer, staged
+    recorder = None  # (on_batch reads it)
     torch.cuda.empty_cache()
     model, _ = baselines.load_for_plain_loop(path, tdtype)
     for b in (int(x) for x in args.more_batches.split(",") if x):  # the plain loop at the same batch sizes
@@ -130,9 +135,7 @@ def main() -> int:
     torch.cuda.empty_cache()
     model = load_model(str(path), DTYPES[args.dtype], dev)
     scorer = Scorer(model, dev)
-    if args.numerics:
-        recorder = Recorder(find_modules(model), dev, histogram=False)
-        recorder.attach()
+    recorder = attach_recorder(model)
     buffer = torch.randn(n, scorer.vocab_size, device=dev) * 2
     staged = staging(n, dev, divergence=True)
     for k, v in res.items():

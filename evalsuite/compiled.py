@@ -64,9 +64,3 @@ def warm_up(body, vocab_size: int, device: torch.device) -> float:
         torch.cuda.synchronize(device)
     return time.perf_counter() - t0
 
-
-def graphs_compiled() -> int:
-    """Graphs Dynamo has compiled in this process (to report recompilations during a pass)."""
-    from torch._dynamo.utils import counters
-
-    return int(counters["stats"]["unique_graphs"])

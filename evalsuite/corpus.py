@@ -150,14 +150,14 @@ def tokenize(texts: list[str], tokenizer, seq_len: int, max_tokens: int | None =
     while i < len(docs) and (need is None or total < need):
         part = docs[i : i + block]
         ids, offsets = _encode(tokenizer, part)
-        if offsets is None:  # slow tokenizers have no offsets: decode each token (close, not exact)
-            bytes_parts += [np.array([len(tokenizer.decode([t]).encode("utf-8")) for t in x], dtype=np.int64)
-                            for x in ids if len(x)]
         kept = [np.asarray(x, dtype=np.int64) for x in ids if len(x)]
         ids_parts += kept
         total += sum(len(x) for x in kept)
         if offsets is not None:
             bytes_parts.append(_bytes_from_offsets(part, ids, offsets))
+        else:  # slow tokenizers have no offsets: decode each token (close, not exact)
+            bytes_parts += [np.array([len(tokenizer.decode([t]).encode("utf-8")) for t in x], dtype=np.int64)
+                            for x in kept]
         i += len(part)
         per_doc = total / i
         block = len(docs) if need is None or per_doc == 0 else max(64, int((need - total) / per_doc * 1.1) + 1)
