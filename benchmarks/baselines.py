@@ -62,6 +62,18 @@ INITIALIZER_RANGE = 0.02  # HF's default initializer_range for both architecture
 SEQ_LEN = 2048  # scored tokens per window; windows hold SEQ_LEN + 1 ids (BOS first)
 
 
+def script_args(work: str, corpus: bool = True) -> argparse.ArgumentParser:
+    """The arguments the GPU scripts share: --out (results), --work (scratch, default `work`) and,
+    for the scripts that tokenize People's Daily, --text and --tokenizer."""
+    ap = argparse.ArgumentParser()
+    if corpus:
+        ap.add_argument("--text", type=Path, required=True)
+        ap.add_argument("--tokenizer", type=Path, required=True)
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--work", type=Path, default=Path(work))
+    return ap
+
+
 def _sync(device) -> None:
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize(device)

@@ -12,7 +12,6 @@ the same absmax values.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -38,12 +37,10 @@ def body_rate(dec, ids: torch.Tensor, batch: int) -> float:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--out", type=Path, required=True)
+    ap = baselines.script_args("/tmp/evalsuite-compile", corpus=False)
     ap.add_argument("--shape", default="qwen2-0.5b")
     ap.add_argument("--vocab", type=int, default=49953)
     ap.add_argument("--windows", type=int, default=64)
-    ap.add_argument("--work", type=Path, default=Path("/tmp/evalsuite-compile"))
     args = ap.parse_args()
     import torch._dynamo
     import torch._inductor.config as inductor

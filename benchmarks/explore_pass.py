@@ -10,7 +10,6 @@ torchrun run when two GPUs are visible.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess
@@ -100,11 +99,7 @@ def evalsuite_run(path: Path, text: Path, tokens: int, extra: list[str], out_dir
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--text", type=Path, required=True)
-    ap.add_argument("--tokenizer", type=Path, required=True)
-    ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--work", type=Path, default=Path("/tmp/evalsuite-explore"))
+    ap = baselines.script_args("/tmp/evalsuite-explore")
     ap.add_argument("--tokens", type=int, default=131072)
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)

@@ -13,7 +13,6 @@ The elementwise work (norms, rotary, SiLU, residual adds) is left out: the floor
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -79,13 +78,11 @@ def eager_body(path: Path, batch: int, seq: int, vocab: int, reps: int = 4) -> f
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--out", type=Path, required=True)
+    ap = baselines.script_args("/tmp/evalsuite-floor", corpus=False)
     ap.add_argument("--shape", default="llama2-7b")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=2048)
     ap.add_argument("--vocab", type=int, default=49953)
-    ap.add_argument("--work", type=Path, default=Path("/tmp/evalsuite-floor"))
     args = ap.parse_args()
     res = floor(args.shape, args.batch, args.seq, args.vocab)
     path = baselines.build_random_model(args.shape, args.vocab, args.work / args.shape)

@@ -17,7 +17,6 @@ Each stage writes `<stage>.json` under --out and prints a summary line per numbe
 
 from __future__ import annotations
 
-import argparse
 import gc
 import json
 import os
@@ -288,11 +287,7 @@ def stage_dp(args, out: dict, path: Path, name: str, nprocs=(1, 2)) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--text", type=Path, required=True)
-    ap.add_argument("--tokenizer", type=Path, required=True)
-    ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--work", type=Path, default=Path("/tmp/evalsuite-perf"))
+    ap = baselines.script_args("/tmp/evalsuite-perf")
     ap.add_argument("--stages", default="kernel,small,large,huge")
     ap.add_argument("--tokens", default="", help="e.g. small=131072,large=65536")
     ap.add_argument("--no-lmeval", dest="lmeval", action="store_false")

@@ -11,7 +11,6 @@ its top CUDA kernels written to $OUT/profile_pass.txt.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -37,11 +36,7 @@ def timed(fn) -> float:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--text", type=Path, required=True)
-    ap.add_argument("--tokenizer", type=Path, required=True)
-    ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--work", type=Path, default=Path("/tmp/evalsuite-profile"))
+    ap = baselines.script_args("/tmp/evalsuite-profile")
     ap.add_argument("--shape", default="qwen2-0.5b")
     ap.add_argument("--tokens", type=int, default=65536)
     ap.add_argument("--batch", type=int, default=8)

@@ -10,7 +10,6 @@ spent waiting for the GPU shows up in the function that synchronises.
 
 from __future__ import annotations
 
-import argparse
 import cProfile
 import io
 import pstats
@@ -25,11 +24,7 @@ import baselines  # noqa: E402
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--text", type=Path, required=True)
-    ap.add_argument("--tokenizer", type=Path, required=True)
-    ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--work", type=Path, default=Path("/tmp/evalsuite-profile-run"))
+    ap = baselines.script_args("/tmp/evalsuite-profile-run")
     ap.add_argument("--shape", default="llama2-7b")
     ap.add_argument("--tokens", type=int, default=65536)
     args = ap.parse_args()
