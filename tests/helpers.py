@@ -1,6 +1,18 @@
-"""Small assertions shared by the CLI-facing tests."""
+"""Small assertions and the run configuration shared by the tests."""
 
 from __future__ import annotations
+
+from evalsuite.config import RunConfig
+from evalsuite.corpus import CorpusSpec
+from evalsuite.precision import DTYPES
+
+
+def run_config(out_dir, /, **kw) -> RunConfig:
+    """A CPU run of the bundled corpus, FP32 reference vs FP16 and BF16, 64-token windows; `kw` overrides
+    any field (out_dir too)."""
+    base = dict(model=None, dtypes=(DTYPES["fp16"], DTYPES["bf16"]), reference=DTYPES["fp32"], device="cpu",
+                corpus=CorpusSpec(), seq_len=64, max_tokens=700, batch_size=4, out_dir=out_dir, progress=False)
+    return RunConfig(**{**base, **kw})
 
 
 def one_line_error(capsys, rc: int, code: int) -> str:

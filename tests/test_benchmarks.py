@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from helpers import one_line_error
+from helpers import one_line_error, run_config
 from tiny import build_model
 
 from evalsuite import bench_stats
@@ -21,7 +21,6 @@ from evalsuite.bench_tasks import DEFAULT_TASKS, prepare, tasks_dir
 from evalsuite.benchmarks import BenchmarkObserver
 from evalsuite.cli import build_parser, main
 from evalsuite.config import RunConfig
-from evalsuite.corpus import CorpusSpec
 from evalsuite.errors import UsageError
 from evalsuite.precision import DTYPES
 from evalsuite.report import render_report
@@ -114,11 +113,7 @@ _Loader.add_constructor("!function", lambda loader, node: loader.construct_scala
 
 
 def _cfg(tmp_path, **kw) -> RunConfig:
-    base = dict(model=None, dtypes=(DTYPES["fp16"], DTYPES["bf16"]), reference=DTYPES["fp32"], device="cpu",
-                corpus=CorpusSpec(), seq_len=64, max_tokens=128, batch_size=4, out_dir=tmp_path, progress=False,
-                noise_tokens=64, tasks=DEFAULT_TASKS)
-    base.update(kw)
-    return RunConfig(**base)
+    return run_config(tmp_path, **{"max_tokens": 128, "noise_tokens": 64, "tasks": DEFAULT_TASKS, **kw})
 
 
 def _run(path, cfg):

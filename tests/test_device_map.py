@@ -13,9 +13,9 @@ import math
 
 import pytest
 import torch
+from helpers import run_config
 
 from evalsuite.config import RunConfig
-from evalsuite.corpus import CorpusSpec
 from evalsuite.errors import ModelLoadError
 from evalsuite.forward import Scorer
 from evalsuite.loading import load_model, placement
@@ -31,9 +31,7 @@ CPU, META = torch.device("cpu"), torch.device("meta")
 
 
 def _cfg(tmp_path, **kw) -> RunConfig:
-    base = dict(model=None, dtypes=(FP16, BF16), reference=FP32, device="cpu", corpus=CorpusSpec(), seq_len=64,
-                max_tokens=300, batch_size=2, out_dir=tmp_path, progress=False)
-    return RunConfig(**{**base, **kw})
+    return run_config(tmp_path, **{"max_tokens": 300, "batch_size": 2, **kw})
 
 
 def _run(path, tmp_path, **kw):

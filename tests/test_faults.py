@@ -8,12 +8,10 @@ import shutil
 
 import pytest
 import torch
+from helpers import run_config
 
 from evalsuite import forward
 from evalsuite.cli import main
-from evalsuite.config import RunConfig
-from evalsuite.corpus import CorpusSpec
-from evalsuite.precision import DTYPES
 from evalsuite.runner import run
 
 FAST = ["--device", "cpu", "--seq-len", "64", "--max-tokens", "400", "--no-progress", "--no-numerics",
@@ -21,9 +19,7 @@ FAST = ["--device", "cpu", "--seq-len", "64", "--max-tokens", "400", "--no-progr
 
 
 def _cfg(tmp_path, **kw):
-    base = dict(model=None, dtypes=(DTYPES["fp16"], DTYPES["bf16"]), reference=DTYPES["fp32"], device="cpu",
-                corpus=CorpusSpec(), seq_len=64, max_tokens=400, batch_size=4, out_dir=tmp_path, progress=False)
-    return RunConfig(**{**base, **kw})
+    return run_config(tmp_path, **{"max_tokens": 400, **kw})
 
 
 def _oom_above(monkeypatch, limit: int, only_dtype: torch.dtype | None = None):

@@ -9,6 +9,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from helpers import run_config
 from tiny import build_model, build_planted
 from transformers import AutoModelForCausalLM
 
@@ -36,9 +37,7 @@ DOWN0, DOWN1 = "model.layers.0.mlp.down_proj.weight", "model.layers.1.mlp.down_p
 
 
 def _cfg(tmp_path, **kw) -> RunConfig:
-    base = dict(model=None, dtypes=(FP16, BF16), reference=FP32, device="cpu", corpus=CorpusSpec(), seq_len=64,
-                max_tokens=700, batch_size=4, out_dir=tmp_path, progress=False)
-    return RunConfig(**{**base, **kw})
+    return run_config(tmp_path, **kw)
 
 
 def _run(path, tmp_path, **kw):

@@ -8,10 +8,10 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
+from helpers import run_config
 
 from evalsuite import logits_io, passloop, refcache
 from evalsuite.config import RunConfig
-from evalsuite.corpus import CorpusSpec
 from evalsuite.numerics import NumericsObserver
 from evalsuite.precision import DTYPES
 from evalsuite.runner import run
@@ -20,11 +20,7 @@ TIMINGS = {"tokens_per_s"}
 
 
 def _config(tmp_path, cache, **kw) -> RunConfig:
-    base = dict(model=None, dtypes=(DTYPES["fp16"], DTYPES["bf16"]), reference=DTYPES["fp32"], device="cpu",
-                corpus=CorpusSpec(), seq_len=64, max_tokens=400, batch_size=4, out_dir=tmp_path / "out",
-                progress=False, reference_cache=cache)
-    base.update(kw)
-    return RunConfig(**base)
+    return run_config(tmp_path / "out", **{"max_tokens": 400, "reference_cache": cache, **kw})
 
 
 @pytest.fixture

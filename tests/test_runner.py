@@ -7,22 +7,19 @@ import math
 import numpy as np
 import pytest
 import torch
+from helpers import run_config
 from tiny import build_model
 from transformers import AutoModelForCausalLM
 
 from evalsuite import corpus
 from evalsuite.config import RunConfig
-from evalsuite.corpus import CorpusSpec
 from evalsuite.loading import load_tokenizer
 from evalsuite.precision import DTYPES
 from evalsuite.runner import run
 
 
 def _config(tmp_path, **kw) -> RunConfig:
-    base = dict(model=None, dtypes=(DTYPES["fp16"], DTYPES["bf16"]), reference=DTYPES["fp32"], device="cpu",
-                corpus=CorpusSpec(), seq_len=64, max_tokens=700, batch_size=4, out_dir=tmp_path, progress=False)
-    base.update(kw)
-    return RunConfig(**base)
+    return run_config(tmp_path, **kw)
 
 
 def _log_softmax64(x: np.ndarray) -> np.ndarray:
