@@ -27,6 +27,7 @@ python3 benchmarks/profile_pass.py --text "$text" --tokenizer "$tok" --out "$out
   | grep -v -i warn | tee "$out/profile_pass.log"
 python3 benchmarks/profile_run.py --text "$text" --tokenizer "$tok" --out "$out" --shape qwen2-0.5b --tokens 262144 \
   2>&1 | grep -v -i warn | tee "$out/profile_run.log"
-# torch.compile of the whole decoder against eager (slow: each mode compiles for 30-40 s, then again per batch shape;
-# about 10 minutes, which is why evalsuite compiles module by module instead)
+# torch.compile of the whole decoder against eager (slow: each mode compiled for 33-41 s on an H200, then again for
+# a second batch shape; three of its four modes took about 6 minutes there. That is why evalsuite compiles module
+# by module instead.)
 python3 benchmarks/compile_probe.py --out "$out" 2>&1 | grep -v -i warn | tee "$out/compile_probe.log"
