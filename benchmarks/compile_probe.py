@@ -45,9 +45,10 @@ def main() -> int:
     import torch._dynamo
     import torch._inductor.config as inductor
 
-    from evalsuite.loading import load_model
-    from evalsuite.numerics_hooks import Recorder, find_modules
-    from evalsuite.precision import DTYPES
+    from evalsuite.model.loading import load_model
+    from evalsuite.model.modules import find_modules
+    from evalsuite.model.precision import DTYPES
+    from evalsuite.numerics.hooks import Recorder
 
     path = baselines.build_random_model(args.shape, args.vocab, args.work / args.shape)
     gen = torch.Generator().manual_seed(0)

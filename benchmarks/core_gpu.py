@@ -52,7 +52,7 @@ def plain_loop(path: Path, windows, dtype: torch.dtype, batch: int) -> dict:
     """The baseline a user would write: full logits, HF's own loss, no divergence at all."""
     from transformers import AutoModelForCausalLM
 
-    from evalsuite.precision import exact_fp32
+    from evalsuite.model.precision import exact_fp32
 
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map={"": 0}).eval()
     ids_all = torch.from_numpy(__import__("numpy").stack(windows)).cuda()  # (N, T+1)
@@ -83,11 +83,11 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, nargs="+", default=[49152, 196608])
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    from evalsuite import corpus
     from evalsuite.cli import build_parser, config_from_args
-    from evalsuite.loading import load_tokenizer
-    from evalsuite.results import write_results
-    from evalsuite.runner import run
+    from evalsuite.model.loading import load_tokenizer
+    from evalsuite.passes.runner import run
+    from evalsuite.store import corpus
+    from evalsuite.store.results import write_results
 
     t0 = time.perf_counter()
     path = build(args.text, args.work)

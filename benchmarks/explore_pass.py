@@ -35,7 +35,7 @@ def timed(fn, reps: int = 1) -> float:
 
 
 def body_and_head(path: Path, ids_all: torch.Tensor, batch: int, out: dict) -> None:
-    from evalsuite.divergence import token_divergence
+    from evalsuite.metrics.divergence import token_divergence
 
     model, _ = baselines.load_for_plain_loop(path, torch.bfloat16)
     dec, head = model.get_decoder(), model.get_output_embeddings()
@@ -105,7 +105,7 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     from transformers import AutoTokenizer
 
-    from evalsuite import corpus
+    from evalsuite.store import corpus
 
     report: dict = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__}
     tok = AutoTokenizer.from_pretrained(args.tokenizer)

@@ -11,7 +11,7 @@ out=${OUT:-bench-out}
 mkdir -p "$out"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
-python3 -m pytest tests/test_gpu.py tests/test_device_map.py tests/test_bench_gpu.py -m gpu -q -p no:cacheprovider \
+python3 -m pytest tests/test_gpu.py tests/model/test_device_map.py tests/bench/test_bench_gpu.py -m gpu -q -p no:cacheprovider \
   2>&1 | tail -4 | tee "$out/pytest_gpu.txt"
 tok=${TOKENIZER_DIR:-/tmp/evalsuite-tok49953}
 [ -f "$tok/tokenizer.json" ] || python3 benchmarks/make_tokenizer.py --text "$text" --out "$tok"

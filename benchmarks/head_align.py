@@ -65,7 +65,7 @@ def head_rows(tokens: int, hidden: int, vocab: int, dtype: torch.dtype) -> dict:
 
 
 def kernel_rows(tokens: int, vocab: int) -> dict:
-    from evalsuite import kernels
+    from evalsuite.metrics import kernels
 
     g = torch.Generator(device="cuda").manual_seed(1)
     vp = pad_to(vocab)

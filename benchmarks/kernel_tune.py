@@ -1,4 +1,4 @@
-"""Time the fused divergence kernel (evalsuite/kernels.py) against what it replaces, on a GPU.
+"""Time the fused divergence kernel (evalsuite/metrics/kernels.py) against what it replaces, on a GPU.
 
     python benchmarks/kernel_tune.py        # prints a table; BENCHMARKS.md records it
 
@@ -17,8 +17,8 @@ import triton.testing
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from evalsuite import kernels  # noqa: E402
-from evalsuite.divergence import token_divergence  # noqa: E402
+from evalsuite.metrics import kernels  # noqa: E402
+from evalsuite.metrics.divergence import token_divergence  # noqa: E402
 
 
 def main() -> None:

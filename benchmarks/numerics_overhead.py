@@ -62,8 +62,8 @@ class TimedObserver:
 
 def one_run(path: Path, text: Path, args, numerics: bool) -> dict:
     from evalsuite.cli import build_parser, config_from_args
-    from evalsuite.numerics import NumericsObserver
-    from evalsuite.runner import run
+    from evalsuite.numerics.observer import NumericsObserver
+    from evalsuite.passes.runner import run
 
     argv = ["run", "--model", str(path), "--corpus", str(text), "--seq-len", str(args.seq_len), "--max-tokens",
             str(args.max_tokens), "--device", args.device, "--out", str(args.work / "scratch"), "--no-progress",

@@ -70,8 +70,8 @@ def _kernel_rows(v: int) -> list[dict]:
     """Every lane/warp variant on one (C, V) chunk (reference float32, test bf16), checked vs float64."""
     import triton.testing
 
-    from evalsuite import kernels
-    from evalsuite.divergence import token_divergence
+    from evalsuite.metrics import kernels
+    from evalsuite.metrics.divergence import token_divergence
 
     rows = []
     c = (1 << 30) // (4 * v)
@@ -111,7 +111,7 @@ def stage_kernel(out: dict) -> None:
 def windows_for(tok_dir: Path, text: Path, n_tokens: int):
     from transformers import AutoTokenizer
 
-    from evalsuite import corpus
+    from evalsuite.store import corpus
 
     tok = AutoTokenizer.from_pretrained(tok_dir)
     texts, _ = corpus.load_texts(corpus.CorpusSpec(source=str(text)))
@@ -120,7 +120,7 @@ def windows_for(tok_dir: Path, text: Path, n_tokens: int):
 
 
 def plain_loops(path: Path, ids: torch.Tensor, batch: int) -> dict:
-    from evalsuite.precision import exact_fp32
+    from evalsuite.model.precision import exact_fp32
 
     res = {}
     for name, dtype in (("fp32", torch.float32), ("fp16", torch.float16), ("bf16", torch.bfloat16)):

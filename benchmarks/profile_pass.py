@@ -47,11 +47,12 @@ def main() -> int:
     args = ap.parse_args()
     from transformers import AutoTokenizer
 
-    from evalsuite.forward import Scorer, run_pass
-    from evalsuite.loading import load_model
-    from evalsuite.numerics_hooks import Recorder, find_modules
-    from evalsuite.passes import compare, staging
-    from evalsuite.precision import DTYPES
+    from evalsuite.model.forward import Scorer, run_pass
+    from evalsuite.model.loading import load_model
+    from evalsuite.model.modules import find_modules
+    from evalsuite.model.precision import DTYPES
+    from evalsuite.numerics.hooks import Recorder
+    from evalsuite.passes.scoring import compare, staging
 
     vocab = len(AutoTokenizer.from_pretrained(args.tokenizer))
     path = baselines.build_random_model(args.shape, vocab, args.work / args.shape, tokenizer_dir=args.tokenizer)

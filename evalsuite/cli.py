@@ -134,10 +134,10 @@ def default_cache_dir() -> Path:
 
 
 def config_from_args(args: argparse.Namespace):
-    from evalsuite.bench_tasks import parse_tasks
+    from evalsuite.bench.tasks import parse_tasks
     from evalsuite.config import RunConfig
-    from evalsuite.corpus import CorpusSpec
-    from evalsuite.precision import parse_dtype
+    from evalsuite.model.precision import parse_dtype
+    from evalsuite.store.corpus import CorpusSpec
 
     names = [d for d in args.dtypes.split(",") if d.strip()]
     out = args.out or Path("reports") / datetime.now().strftime("run-%Y%m%d-%H%M%S")
@@ -185,31 +185,32 @@ def _check_writable(out_dir: Path) -> None:
 def cmd_run(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from evalsuite.demo import demo_checkpoint
-    from evalsuite.results import atomic_write, compact, write_results
-    from evalsuite.runner import run, say
-    from evalsuite.table import format_table
+    from evalsuite.log import say
+    from evalsuite.model.demo import demo_checkpoint
+    from evalsuite.passes.runner import run
+    from evalsuite.report.table import format_table
+    from evalsuite.store.results import atomic_write, compact, write_results
 
     cfg = config_from_args(args)
     gate_set = _load_gates(args, [p.name for p in (cfg.reference, *cfg.dtypes)])
     _check_writable(cfg.out_dir)
-    from evalsuite.bench_tasks import prepare
+    from evalsuite.bench.tasks import prepare
 
     bench_plan = prepare(cfg) if cfg.tasks else None  # a bad --tasks fails here, before any model loads
     source = cfg.model or str(demo_checkpoint())
     observers = ()
     if cfg.numerics:
-        from evalsuite.numerics import NumericsObserver
+        from evalsuite.numerics.observer import NumericsObserver
 
         observers = (NumericsObserver(cfg, source),)
     if bench_plan is not None:
-        from evalsuite import distributed
-        from evalsuite.benchmarks import BenchmarkObserver
+        from evalsuite.bench.observer import BenchmarkObserver
+        from evalsuite.passes import distributed
 
         dist = distributed.from_env()  # under torchrun each rank scores its share of the questions
         shard = {"rank": dist.rank, "world": dist.world} if dist else {}
         observers = (*observers, BenchmarkObserver(bench_plan, cfg, **shard))
-    from evalsuite.report import render_report, write_report
+    from evalsuite.report.render import render_report, write_report
 
     def write_outputs(results, per_token) -> None:  # before the resume state is discarded
         write_results(cfg.out_dir / "results.json", results)
@@ -226,7 +227,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         return EXIT_OK
     from dataclasses import replace
 
-    from evalsuite import gates
+    from evalsuite.gates import rules as gates
 
     outcomes = gates.evaluate(gate_set, results)
     gated = replace(results, sections={**results.sections, "gates": gates.section(gate_set, outcomes)})
@@ -238,7 +239,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def _load_gates(args: argparse.Namespace, dtype_names: list[str] | None = None):
     """Parse the gate file and baseline before any model loads: a typo must not cost a GPU run."""
-    from evalsuite import gates
+    from evalsuite.gates import rules as gates
 
     if args.gate is None:
         given = [flag for flag in ("baseline", "junit", "summary_md") if getattr(args, flag)]
@@ -252,8 +253,8 @@ def _load_gates(args: argparse.Namespace, dtype_names: list[str] | None = None):
 
 
 def cmd_gate(args: argparse.Namespace) -> int:
-    from evalsuite import gates
-    from evalsuite.results import load_results
+    from evalsuite.gates import rules as gates
+    from evalsuite.store.results import load_results
 
     gate_set = _load_gates(args)
     results = load_results(gates.results_path(args.results))
@@ -263,7 +264,7 @@ def cmd_gate(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from evalsuite import report
+    from evalsuite.report import render as report
 
     paths = [p / "results.json" if p.is_dir() else p for p in [*args.results, *filter(None, [args.compare])]]
     if len(paths) > 2:

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import torch
 
-from evalsuite.corpus import CorpusSpec
 from evalsuite.errors import UsageError
-from evalsuite.precision import Precision
+from evalsuite.model.precision import Precision
+from evalsuite.store.corpus import CorpusSpec
 
 
 @dataclass(frozen=True)

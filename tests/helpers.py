@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from evalsuite.config import RunConfig
-from evalsuite.corpus import CorpusSpec
-from evalsuite.precision import DTYPES
+from evalsuite.model.precision import DTYPES
+from evalsuite.store.corpus import CorpusSpec
 
 
 def run_config(out_dir, /, **kw) -> RunConfig:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from evalsuite.precision import DTYPES, exact_fp32, unsupported_reason
-from evalsuite.runner import run
+from evalsuite.model.precision import DTYPES, exact_fp32, unsupported_reason
+from evalsuite.passes.runner import run
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
@@ -19,7 +19,7 @@ def _matmul_rel_err() -> float:
 
 
 def test_exact_fp32_turns_tf32_off_even_if_the_user_turned_it_on():
-    from evalsuite.precision import _NEW_API, numeric_flags
+    from evalsuite.model.precision import _NEW_API, numeric_flags
 
     if _NEW_API:
         torch.backends.cuda.matmul.fp32_precision = "tf32"
@@ -60,8 +60,8 @@ def test_cuda_run_matches_all_in_memory_float64(tiny_llama, tmp_path):
 def test_fused_kernel_on_the_card_matches_float64(dtype):
     import numpy as np
 
-    from evalsuite import kernels
-    from evalsuite.divergence import token_divergence
+    from evalsuite.metrics import kernels
+    from evalsuite.metrics.divergence import token_divergence
 
     assert kernels.available(torch.device("cuda"))
     c, v = 300, 151_936
@@ -87,11 +87,12 @@ def test_per_chunk_and_per_batch_work_never_waits_for_the_gpu(tiny_llama):
     wait for the GPU's queue, and the GPU then idles while Python launches the next kernels.
     HF's own forward syncs once per call (its packed-sequence check), so it runs outside the guard.
     """
-    from evalsuite.divergence import reference_tokens
-    from evalsuite.forward import Scorer
-    from evalsuite.loading import load_model
-    from evalsuite.numerics_hooks import Recorder, find_modules, magnitude_histogram
-    from evalsuite.passes import compare, keep_reference, staging
+    from evalsuite.metrics.divergence import reference_tokens
+    from evalsuite.model.forward import Scorer
+    from evalsuite.model.loading import load_model
+    from evalsuite.model.modules import find_modules
+    from evalsuite.numerics.hooks import Recorder, magnitude_histogram
+    from evalsuite.passes.scoring import compare, keep_reference, staging
 
     gpu = torch.device("cuda")
     model = load_model(str(tiny_llama), DTYPES["bf16"], gpu)

@@ -10,9 +10,9 @@ import math
 import pytest
 
 from evalsuite.config import RunConfig
-from evalsuite.corpus import CorpusSpec
-from evalsuite.precision import DTYPES
-from evalsuite.runner import run
+from evalsuite.model.precision import DTYPES
+from evalsuite.passes.runner import run
+from evalsuite.store.corpus import CorpusSpec
 
 pytestmark = pytest.mark.slow
 

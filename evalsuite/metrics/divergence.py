@@ -1,0 +1,101 @@
+"""Per-token statistics from logits, computed on the device in float64.
+
+These run on a chunk of tokens at a time ((C, V) logits, C chosen so one chunk is a few hundred
+MB), so no full-vocabulary float32 tensor for a whole batch ever exists. They are pure
+functions of tensors; `tests/metrics/test_divergence.py` checks them against float64 numpy.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from evalsuite.metrics import kernels
+
+
+@dataclass(frozen=True)
+class ReferenceTokens:
+    nll: torch.Tensor  # (C,) float64, -log p(target)
+    argmax: torch.Tensor  # (C,) int64
+    nonfinite: torch.Tensor  # (C,) int64 count of non-finite logits per token
+
+
+def reference_tokens(logits: torch.Tensor, targets: torch.Tensor) -> ReferenceTokens:
+    """NLL and argmax per token. logits (C, V) any float dtype; targets (C,) int64."""
+    if kernels.available(logits.device):
+        out = kernels.fused_rows(logits, logits)  # (C, 8): the test columns describe `logits` itself
+        target_logit = logits.gather(1, targets[:, None]).squeeze(1).double()
+        return ReferenceTokens(nll=out[:, 2] - target_logit, argmax=out[:, 5].long(), nonfinite=out[:, 6].long())
+    x = logits.double()  # (C, V) float64: the NLL sums to a perplexity over many tokens
+    lse = torch.logsumexp(x, dim=-1)  # (C,)
+    target_logit = x.gather(1, targets[:, None]).squeeze(1)  # (C,)
+    nll = lse - target_logit
+    nonfinite = (~torch.isfinite(x)).sum(dim=-1)
+    return ReferenceTokens(nll=nll, argmax=x.argmax(dim=-1), nonfinite=nonfinite)
+
+
+@dataclass(frozen=True)
+class TokenDivergence:
+    kl: torch.Tensor  # (C,) float64 KL(ref || test) in nats
+    top1_agree: torch.Tensor  # (C,) bool
+    p_ref: torch.Tensor  # (C,) float64 p_ref(target)
+    p_test: torch.Tensor  # (C,) float64 p_test(target)
+    max_abs_dlogit: torch.Tensor  # (C,) float32 max_v |logit_test - logit_ref| (finite tokens)
+    test: ReferenceTokens  # the test dtype's own NLL/argmax/non-finite counts
+
+
+def token_divergence(ref_logits: torch.Tensor, test_logits: torch.Tensor, targets: torch.Tensor) -> TokenDivergence:
+    """Compare a test dtype's logits with the reference's for the same C tokens.
+
+    ref_logits (C, V) float32, test_logits (C, V) any float dtype, targets (C,) int64.
+    KL is over the full vocabulary: sum_v p_ref(v) * (log p_ref(v) - log p_test(v)), all in
+    float64. Why not float32: a float32 log-softmax carries an error of about |logsumexp| * 6e-8
+    (1e-6 nats for logits near 20) into every token's KL, as large as FP16's whole effect on a
+    good model. Tokens whose test logits are not all finite get NaN; the caller excludes them.
+    """
+    if kernels.available(ref_logits.device):
+        return _fused_divergence(ref_logits, test_logits, targets)
+    ref = ref_logits.double()  # (C, V)
+    test = test_logits.double()  # (C, V)
+    argmax_ref, argmax_test = ref.argmax(dim=-1), test.argmax(dim=-1)
+    nonfinite = (~torch.isfinite(test)).sum(dim=-1)
+    dlogit = torch.sub(test, ref).abs_().amax(dim=-1).float()  # (C,)
+    lp_ref = torch.log_softmax(ref, dim=-1)  # (C, V); ref no longer needed
+    del ref
+    lp_test = torch.log_softmax(test, dim=-1)  # (C, V)
+    del test
+    p_ref = lp_ref.gather(1, targets[:, None]).squeeze(1).exp()
+    lp_test_target = lp_test.gather(1, targets[:, None]).squeeze(1)
+    kl = (lp_ref.exp() * lp_ref.sub_(lp_test)).sum(dim=-1)  # (C,); in place: one (C, V) buffer fewer
+    test_tokens = ReferenceTokens(nll=-lp_test_target, argmax=argmax_test, nonfinite=nonfinite)
+    p_test = lp_test_target.exp()
+    bad = nonfinite > 0
+    nan = float("nan")  # a Python scalar: a tensor made from it would copy to the device and sync
+    return TokenDivergence(
+        kl=kl.masked_fill(bad, nan),
+        top1_agree=(argmax_test == argmax_ref) & ~bad,
+        p_ref=p_ref,
+        p_test=p_test.masked_fill(bad, nan),
+        max_abs_dlogit=dlogit.masked_fill(bad, nan),
+        test=test_tokens,
+    )
+
+
+def _fused_divergence(ref_logits: torch.Tensor, test_logits: torch.Tensor, targets: torch.Tensor) -> TokenDivergence:
+    """The same statistics from one fused pass (kernels.py): no (C, V) float64 temporaries."""
+    out = kernels.fused_rows(ref_logits, test_logits)  # (C, 8) float64
+    kl, lse_ref, lse_test, dmax = out[:, 0], out[:, 1], out[:, 2], out[:, 3]
+    argmax_ref, argmax_test, bad = out[:, 4].long(), out[:, 5].long(), out[:, 6] > 0
+    ref_t = ref_logits.gather(1, targets[:, None]).squeeze(1).double()
+    test_t = test_logits.gather(1, targets[:, None]).squeeze(1).double()
+    nan = float("nan")  # a Python scalar: no host-to-device copy, so no sync per chunk
+    test = ReferenceTokens(nll=lse_test - test_t, argmax=argmax_test, nonfinite=out[:, 6].long())
+    return TokenDivergence(
+        kl=kl.masked_fill(bad, nan),
+        top1_agree=(argmax_ref == argmax_test) & ~bad,
+        p_ref=(ref_t - lse_ref).exp(),
+        p_test=(test_t - lse_test).exp().masked_fill(bad, nan),
+        max_abs_dlogit=dmax.masked_fill(bad, nan).float(),
+        test=test,
+    )

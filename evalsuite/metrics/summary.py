@@ -1,0 +1,144 @@
+"""Per-token arrays -> the flat `metrics` dicts, statuses and report sections of `results.json`."""
+
+from __future__ import annotations
+
+import platform
+import sys
+from datetime import datetime, timezone
+
+import numpy as np
+import torch
+
+import evalsuite
+from evalsuite.metrics.stats import divergence_stats, kl_histogram, paired_perplexity, perplexity
+from evalsuite.store.results import DtypeResult, RunResults
+
+WORST_TOKENS = 12
+CONTEXT_TOKENS = 24
+
+
+def _divergence(arrays, mask: np.ndarray):
+    return divergence_stats(arrays.kl[mask], arrays.top1_agree[mask], arrays.p_ref[mask], arrays.p_test[mask],
+                            arrays.max_abs_dlogit[mask])
+
+
+def provenance(device: torch.device, extra: dict) -> dict:
+    import transformers
+
+    prov = {
+        "evalsuite": evalsuite.__version__,
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "numpy": np.__version__,
+        "cuda": torch.version.cuda,
+        "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "torch_threads": torch.get_num_threads(),
+    }
+    if device.type == "cuda":
+        prov["compute_capability"] = ".".join(map(str, torch.cuda.get_device_capability(device)))
+        prov["gpu_memory_gib"] = round(torch.cuda.get_device_properties(device).total_memory / 2**30, 1)
+    prov.update(extra)
+    return prov
+
+
+def build_results(cfg, source, device, tokenizer, windows, corpus_identity, ref, noise, arrays, skipped, failed, prov):
+    bytes_ = windows.target_bytes
+    ref_ok = ref.nonfinite == 0
+    ref_ppl = perplexity(ref.nll[ref_ok], int(bytes_[ref_ok].sum()))
+    tokens_per_s = lambda a: round(len(a.nll) / a.timing["pass_s"], 1) if a.timing["pass_s"] else None  # noqa: E731
+
+    noise_metrics: dict = {}
+    noise_section: dict = {}
+    if noise is not None:
+        ok = np.isfinite(noise.kl)
+        ns = _divergence(noise, ok)
+        noise_metrics = ns.as_metrics("noise_")
+        noise_section = {**ns.as_metrics(), "batch_size": noise.batch_size, "reference_batch_size": ref.batch_size,
+                         "tokens_per_s": tokens_per_s(noise)}
+
+    dtypes: dict[str, DtypeResult] = {}
+    ref_metrics = {
+        "ppl": ref_ppl.ppl, "ppl_se": ref_ppl.ppl_se, "mean_nll": ref_ppl.mean_nll, "bits_per_byte": ref_ppl.bits_per_byte,
+        "n_tokens": ref_ppl.n_tokens, "nonfinite_logits": int(ref.nonfinite.sum()),
+        "nonfinite_tokens": int((~ref_ok).sum()), "tokens_per_s": tokens_per_s(ref), **noise_metrics,
+    }
+    ref_status, ref_msg = "ok", None
+    if not ref_ok.all():
+        ref_status = "broken"
+        ref_msg = (f"the {cfg.reference.name} reference itself gives non-finite logits on {int((~ref_ok).sum())} of "
+                   f"{len(ref_ok)} tokens: the checkpoint is damaged; statistics cover finite tokens only")
+    dtypes[cfg.reference.name] = DtypeResult(cfg.reference.name, "reference", ref_status, ref_msg, ref_metrics,
+                                             {**ref.timing, "batch_size": ref.batch_size})
+
+    distributions, worst = {}, {}
+    for name, a in arrays.items():
+        if name in failed:
+            dtypes[name] = DtypeResult(name, "test", "failed", failed[name])
+            continue
+        bad = a.nonfinite > 0
+        ok = ref_ok & ~bad
+        p = perplexity(a.nll[ok], int(bytes_[ok].sum()))
+        pp = paired_perplexity(ref.nll[ok], a.nll[ok])
+        d = _divergence(a, ok)
+        metrics = {
+            "ppl": p.ppl, "ppl_se": p.ppl_se, "mean_nll": p.mean_nll, "bits_per_byte": p.bits_per_byte,
+            "n_tokens": int(len(a.nll)), "n_scored_tokens": p.n_tokens,
+            "ppl_ratio": pp.ppl_ratio, "ppl_ratio_se": pp.ppl_ratio_se, "delta_ppl": pp.delta_ppl,
+            "delta_ppl_se": pp.delta_ppl_se, "delta_nll": pp.delta_nll, "delta_nll_se": pp.delta_nll_se,
+            **{k: v for k, v in d.as_metrics().items() if k != "n_tokens"},
+            "nonfinite_logits": int(a.nonfinite.sum()), "nonfinite_tokens": int(bad.sum()),
+            "finite_only": bool(bad.any()), "tokens_per_s": tokens_per_s(a), **noise_metrics,
+        }
+        status, msg = "ok", None
+        if bad.any():
+            status = "broken"
+            share = bad.mean()
+            msg = (f"{name.upper()} gives non-finite logits (inf/NaN) on {int(bad.sum())} of {len(bad)} tokens "
+                   f"({share:.1%}); " + ("no statistic can be computed" if bad.all()
+                                         else "its other statistics cover the finite tokens only"))
+        dtypes[name] = DtypeResult(name, "test", status, msg, metrics, {**a.timing, "batch_size": a.batch_size})
+        distributions[name] = kl_histogram(a.kl[ok])
+        worst[name] = _worst_tokens(a, ref, ok, windows, tokenizer)
+    for name, msg in skipped.items():
+        dtypes[name] = DtypeResult(name, "test", "skipped", msg)
+
+    sections = {"noise_floor_detail": noise_section} if noise_section else {}
+    if distributions:
+        sections["kl_histograms"] = distributions
+        sections["worst_tokens"] = worst
+    model_info = {"source": source, "stored_dtype": prov.pop("stored_dtype", None),
+                  "is_demo": cfg.model is None, "vocab_size": int(getattr(tokenizer, "vocab_size", 0) or 0)}
+    corpus_info = {**corpus_identity, "n_tokens": windows.n_tokens, "n_windows": len(windows.windows),
+                   "seq_len": windows.seq_len, "context": windows.context,
+                   "n_scored_bytes": int(bytes_.sum()), "tokenizer": type(tokenizer).__name__}
+    return RunResults(
+        config=cfg.to_dict(), provenance=provenance(device, prov), model=model_info, corpus=corpus_info,
+        reference=cfg.reference.name, dtypes=dtypes, noise_floor=noise_section, sections=sections,
+        created_utc=datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"), evalsuite_version=evalsuite.__version__,
+    )
+
+
+def _worst_tokens(a, ref, ok, windows, tokenizer) -> list[dict]:
+    """The tokens with the largest KL, with their text context, for the report."""
+    kl = np.where(ok, a.kl, -np.inf)
+    order = np.argsort(-kl, kind="stable")[:WORST_TOKENS]
+    targets = windows.targets
+    starts = np.cumsum([0] + [len(w) - 1 for w in windows.windows])
+    out = []
+    for i in order:
+        if not np.isfinite(kl[i]):
+            break
+        w = int(np.searchsorted(starts, i, side="right") - 1)
+        lo = max(int(starts[w]), int(i) - CONTEXT_TOKENS)
+        out.append({
+            "position": int(i), "kl": float(a.kl[i]),
+            "context": tokenizer.decode(targets[lo:i].tolist()),
+            "target": tokenizer.decode([int(targets[i])]),
+            "reference_top": tokenizer.decode([int(ref.argmax[i])]),
+            "test_top": tokenizer.decode([int(a.argmax[i])]),
+            "p_ref": float(a.p_ref[i]), "p_test": float(a.p_test[i]),
+        })
+    return out

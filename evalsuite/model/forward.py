@@ -1,0 +1,259 @@
+"""Run a causal LM over token windows and hand out its logits a chunk of tokens at a time.
+
+Why not `model(ids).logits`: for a 262k-token vocabulary one 2048-token window's FP32 logits
+are 2 GB, and the plain loop materialises them for the whole batch. We run the decoder body,
+then apply the LM head to C tokens at a time, so the largest float32 tensor is (C, V).
+That split is verified on a probe against the model's own forward when the model is loaded;
+architectures where it does not match exactly fall back to the full forward.
+
+The head itself (padded where cuBLAS needs it) is head.py.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from evalsuite.errors import EvalsuiteError
+from evalsuite.model.compiled import compile_modules, warm_up
+from evalsuite.model.head import apply_head, padded_head
+from evalsuite.model.loading import model_part
+
+# float32 bytes of one (C, V) logits chunk. On CUDA the fused kernel (kernels.py) needs no
+# temporaries beyond the chunk; the CPU path makes float64 copies, so its chunks stay small.
+CHUNK_BYTES = {"cuda": 1024 * 2**20, "cpu": 32 * 2**20}
+
+
+class Scorer:
+    """Wraps a loaded model: `chunks(ids)` yields (start, logits (C, V), targets (C,)) on `device`.
+
+    `device` is the run's device, where the per-token consumers live (the reference logits buffer,
+    the staging tensors). A model sharded over several GPUs (loading.load_model with device_map
+    "auto") takes its input ids on its embedding's device and gives its logits on its LM head's;
+    the Scorer moves ids and logits where they belong, and only when the devices differ: on one
+    device nothing is copied.
+    """
+
+    def __init__(self, model: torch.nn.Module, device: torch.device, pad_head: bool | None = None,
+                 compile: bool = False):
+        self.model = model
+        self.device = device
+        self._home = concrete(device)
+        head = model.get_output_embeddings()
+        self.vocab_size = int(head.weight.shape[0]) if head is not None else int(model.config.vocab_size)
+        self.chunk_tokens = max(1, CHUNK_BYTES.get(device.type, CHUNK_BYTES["cpu"]) // (4 * self.vocab_size))
+        # Devices the parameters sit on (the run's device first): more than one for a sharded model.
+        self.devices = tuple(dict.fromkeys([self._home, *(p.device for p in model.parameters()
+                                                            if p.device.type != "meta")]))
+        self.input_device = _weight_device(model_part(model, "get_input_embeddings")) or self._home
+        self.head_device = _weight_device(head) or self._home
+        self.compiled: list[str] = []  # names of the modules compiled under --compile (set below)
+        self.split_reason: str | None = None  # why the full forward is used, where it is
+        self.split = self._verified_split()
+        # (W (Vpad, H), bias (Vpad,) or None): see head.py. None: the head as it is.
+        self.padded_head = padded_head(head, self.vocab_size, pad_head, self.sharded) if self.split else None
+        # --compile (compiled.py): after the split check, whose (1, 12) probe would fix batch size 1
+        self.compiled = compile_modules(model) if compile else []
+        self.compile_s = warm_up(self._forward_ids, self.vocab_size, self.input_device) if self.compiled else None
+
+    @property
+    def sharded(self) -> bool:
+        return len(self.devices) > 1
+
+    @property
+    def logits_path(self) -> str:
+        return "decoder-then-chunked-head" if self.split else "full-forward"
+
+    def _split_logits(self, hidden: torch.Tensor, padded: bool = True) -> torch.Tensor:
+        """hidden (C, H) -> logits (C, V); through the padded head where there is one."""
+        logits = apply_head(self.model.get_output_embeddings(), hidden, self.padded_head if padded else None)
+        cap = getattr(self.model.config, "final_logit_softcapping", None)
+        if cap:
+            logits = torch.tanh(logits / cap) * cap
+        return logits
+
+    def _body(self, ids: torch.Tensor) -> torch.Tensor:
+        """The decoder's last hidden state (B, T, H), on the LM head's device."""
+        one = self.compiled and ids.shape[0] == 1  # compiled code is specialised for batches >= 2
+        out = self.model.get_decoder()(input_ids=_to(ids.expand(2, -1) if one else ids, self.input_device),
+                                       use_cache=False)
+        hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+        return _to(hidden[:1] if one else hidden, self.head_device)  # once per batch, not per chunk
+
+    def _forward_ids(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=ids, use_cache=False).logits
+
+    @torch.inference_mode()
+    def _verified_split(self) -> bool:
+        try:
+            decoder = self.model.get_decoder()
+        except (AttributeError, NotImplementedError):
+            return False
+        if decoder is None or decoder is self.model or self.model.get_output_embeddings() is None:
+            self.split_reason = "no separate decoder and output embedding"
+            return False
+        gen = torch.Generator().manual_seed(0)
+        probe = torch.randint(0, self.vocab_size, (1, 12), generator=gen).to(self.input_device)
+        try:
+            full = self.model(input_ids=probe, use_cache=False).logits
+            split = _to(self._split_logits(self._body(probe), padded=False), full.device)  # compared where the full forward ends
+        except Exception as exc:  # an architecture whose decoder can't be called alone; recorded in provenance
+            self.split_reason = f"the decoder alone raised {type(exc).__name__}: {str(exc)[:200]}"
+            return False
+        same = full.shape == split.shape and torch.equal(full.isnan(), split.isnan()) and bool(
+            torch.allclose(full.float().nan_to_num(), split.float().nan_to_num(), rtol=1e-4, atol=1e-4)
+        )
+        if not same:
+            self.split_reason = "decoder + head did not reproduce the model's logits on a probe"
+        return same
+
+    @torch.inference_mode()
+    def chunks(self, ids: torch.Tensor) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+        """ids (B, T+1) on the device: inputs ids[:, :-1], targets ids[:, 1:], flattened row-major.
+
+        Logits and targets are yielded on `self.device`, whichever devices the model spans.
+        """
+        home = self._home
+        inputs, targets = ids[:, :-1], _to(ids[:, 1:].reshape(-1), home)  # (B, T), (B*T,)
+        if self.split:
+            hidden = self._body(inputs)  # (B, T, H) on the head's device
+            hidden = hidden.reshape(-1, hidden.shape[-1])  # (B*T, H)
+            for start in range(0, hidden.shape[0], self.chunk_tokens):
+                stop = min(start + self.chunk_tokens, hidden.shape[0])
+                yield start, _to(self._split_logits(hidden[start:stop]), home), targets[start:stop]
+        else:
+            logits = self._forward_ids(_to(inputs, self.input_device))  # (B, T, V)
+            logits = logits.reshape(-1, logits.shape[-1])
+            for start in range(0, logits.shape[0], self.chunk_tokens):
+                stop = min(start + self.chunk_tokens, logits.shape[0])
+                yield start, _to(logits[start:stop], home), targets[start:stop]
+
+
+def concrete(device: torch.device) -> torch.device:
+    """`device` with its index: "cuda" is the current GPU, as tensors report it (cuda:0)."""
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+def _to(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """x on `device` (a concrete device): x itself where it already is, else one copy (GPU to GPU: no host sync)."""
+    return x if x.device == device else x.to(device)
+
+
+def _weight_device(module: torch.nn.Module | None) -> torch.device | None:
+    """Where a module's weight sits (None where it has none, or it is offloaded to the meta device)."""
+    weight = getattr(module, "weight", None)
+    if isinstance(weight, torch.Tensor) and weight.device.type != "meta":
+        return weight.device
+    return None
+
+
+@dataclass
+class PassStats:
+    batch_size: int
+    seconds: float
+    n_tokens: int
+    peak_memory_gib: float | None  # CUDA only: peak allocated during the pass, model weights included
+    # (a model sharded over several GPUs: the largest of its GPUs' peaks)
+
+
+OnChunk = Callable[[int, torch.Tensor, torch.Tensor], None]  # (flat token offset, logits (C,V), targets (C,))
+
+
+def run_pass(scorer: Scorer, windows: list[np.ndarray], batch_size: int, on_chunk: OnChunk,
+             desc: str, progress: bool = True,
+             on_batch: Callable[[int, torch.Tensor], None] | None = None) -> PassStats:
+    """Feed `windows` through the model in batches of equal-length windows (no padding).
+
+    On CUDA out-of-memory the batch size halves and the batch is redone (on_chunk writes to
+    fixed positions, so a redo is harmless); at batch size 1 the error says what would fit.
+    """
+    import time
+
+    device = scorer.device
+    gpus = [d for d in scorer.devices if d.type == "cuda"]  # all the model's GPUs
+    total = sum(len(w) - 1 for w in windows)
+    bar = tqdm(total=total, desc=desc, unit="tok", disable=not progress, leave=False, dynamic_ncols=True)
+    _sync(gpus)
+    for gpu in gpus:
+        torch.cuda.reset_peak_memory_stats(gpu)
+    t0 = time.perf_counter()
+    flat, starts = _upload(windows, device)
+    i, offset = 0, 0
+    while i < len(windows):
+        length = len(windows[i])
+        j = i
+        while j < len(windows) and j - i < batch_size and len(windows[j]) == length:
+            j += 1
+        ids = flat[starts[i] : starts[j]].view(j - i, length)  # (b, T+1): consecutive windows of one length
+        if on_batch is not None:
+            on_batch(offset, ids)
+        try:
+            for start, logits, targets in scorer.chunks(ids):
+                on_chunk(offset + start, logits, targets)
+        except torch.OutOfMemoryError as exc:
+            del ids
+            torch.cuda.empty_cache()
+            if batch_size == 1:
+                raise EvalsuiteError(
+                    f"out of GPU memory at batch size 1 and sequence length {length - 1}: "
+                    "use a shorter --seq-len, a smaller --buffer-gib, or a larger GPU"
+                ) from exc
+            batch_size = max(1, batch_size // 2)
+            bar.set_postfix(batch=batch_size)
+            continue
+        n = (j - i) * (length - 1)
+        offset += n
+        i = j
+        bar.update(n)
+    _sync(gpus)
+    seconds = time.perf_counter() - t0
+    bar.close()
+    peak = max(torch.cuda.max_memory_allocated(gpu) for gpu in gpus) / 2**30 if gpus else None
+    return PassStats(batch_size=batch_size, seconds=seconds, n_tokens=total, peak_memory_gib=peak)
+
+
+def _upload(windows: list[np.ndarray], device: torch.device) -> tuple[torch.Tensor, np.ndarray]:
+    """All windows on the device as one flat (sum of lengths,) tensor, and where each starts.
+
+    One copy per pass instead of one per batch: a copy from pageable host memory waits for the
+    GPU to finish its queue, and the GPU then idles while Python launches the next batch's
+    kernels. The ids are small (8 bytes a token) next to the segment's logits buffer.
+    """
+    starts = np.zeros(len(windows) + 1, dtype=np.int64)
+    np.cumsum([len(w) for w in windows], out=starts[1:])
+    flat = torch.from_numpy(np.concatenate(windows).astype(np.int64, copy=False)) if windows else torch.zeros(0, dtype=torch.int64)
+    if device.type == "cuda":
+        flat = flat.pin_memory().to(device, non_blocking=True)
+    return flat, starts
+
+
+def _sync(gpus: list[torch.device]) -> None:
+    for gpu in gpus:
+        torch.cuda.synchronize(gpu)
+
+
+# Activation elements per batch (tokens x width) on CUDA: the Llama-2-7B shape's 8 x 2048 x 4096.
+BATCH_ACTIVATIONS = 8 * 2048 * 4096
+BATCH_TOKENS = (16384, 65536)  # bounds on tokens per batch on CUDA
+
+
+def auto_batch_size(device: torch.device, seq_len: int, hidden: int | None = None) -> int:
+    """A starting batch size; on CUDA `run_pass` halves it on out-of-memory.
+
+    Why by width: an eager HF decoder launches the same few hundred kernels per batch whatever
+    its size, so a narrow model at a 7B's batch leaves the GPU waiting on Python; holding
+    tokens x width near the 7B shape's keeps the activations' memory what a 7B needs and lets a
+    0.5B run 32 windows of 2048 (measured on an H200: 1.29x the plain loop's tokens/s at batch
+    8, 1.38x at batch 32; BENCHMARKS.md). The chunked head keeps the logits out of this budget.
+    """
+    if device.type != "cuda":
+        return max(1, 1024 // max(1, seq_len))
+    lo, hi = BATCH_TOKENS
+    target_tokens = lo if not hidden else min(hi, max(lo, BATCH_ACTIVATIONS // hidden))
+    return max(1, target_tokens // max(1, seq_len))

@@ -1,0 +1,296 @@
+"""The segment loop: reference first, then each test dtype, one model on the device at a time.
+
+How the test dtypes see the reference without both models resident: the reference's FP32
+logits for a *segment* of windows are kept on the device in a buffer sized to free memory;
+the reference model is then unloaded and each test dtype is loaded in turn and compared
+against the buffer. A corpus larger than one buffer is processed segment by segment (each
+model loaded once per segment). The stored logits are the reference's exact float32 values,
+so the comparison is identical to holding both models at once (tests/passes/test_runner.py measures
+this against an all-in-memory float64 computation).
+
+Where finished passes go: the reference's (per-token results, noise floor, observers'
+findings, logits) into the reference cache (refcache.py) when it is on, else into the resume
+state; the test dtypes' into the resume state (state.py). Large writes run in a background
+thread while the next pass computes.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from functools import partial
+
+import numpy as np
+import torch
+
+from evalsuite.errors import EvalsuiteError
+from evalsuite.log import say
+from evalsuite.model.forward import Scorer
+from evalsuite.model.loading import load_model, placement, unload
+from evalsuite.model.precision import Precision, exact_fp32, numeric_flags
+from evalsuite.passes.scoring import (
+    PassContext,
+    TokenArrays,
+    compare,
+    keep_reference,
+    noise_pass,
+    restore_observers,
+    staging,
+    timed_pass,
+)
+from evalsuite.store.logits import BackgroundWriter
+from evalsuite.store.refcache import CacheCorrupt, ReferenceCache
+from evalsuite.store.state import RunState
+
+
+def segments_of(windows: list[np.ndarray], max_tokens: int) -> list[tuple[int, int, int]]:
+    """Consecutive window ranges (first, last+1, token offset) each with <= max_tokens tokens."""
+    out, first, offset, count = [], 0, 0, 0
+    for i, w in enumerate(windows):
+        n = len(w) - 1
+        if count and count + n > max_tokens:
+            out.append((first, i, offset))
+            first, offset, count = i, offset + count, 0
+        count += n
+    out.append((first, len(windows), offset))
+    return out
+
+
+# Bytes per second a kept reference's logits are assumed to be read back at (a local NVMe SSD
+# manages more; the H200 machine read its cache at about 3.9 GB/s and wrote at about 2 GB/s).
+KEEP_READ_BYTES_PER_S = 2 * 2**30
+
+
+def worth_keeping(pass_s: float, logits_bytes: int) -> bool:
+    """Whether the reference's logits are worth writing to the cache or the resume state.
+
+    Why not always: they take 4 bytes x vocabulary per token. For a small model recomputing the
+    FP32 reference is quicker than reading them back (0.5B shape on an H200: 7.7 s of pass
+    against 48.8 GiB of logits, which made the cached rerun slower than no cache and the first
+    run wait 23 s for the write); for a 7B the pass costs 18 s and its 12 GiB read back in about 3.
+    """
+    return pass_s >= logits_bytes / KEEP_READ_BYTES_PER_S
+
+
+def buffer_tokens(cfg, device: torch.device, vocab: int, n_tokens: int) -> int:
+    if cfg.buffer_gib is not None:
+        budget = cfg.buffer_gib * 2**30
+    elif device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        budget = 0.5 * free  # the rest: activations and (C, V) chunk temporaries
+    else:
+        avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        budget = 0.35 * avail
+    return int(max(cfg.seq_len, min(n_tokens, budget // (4 * vocab))))
+
+
+class Loop:
+    """The segment loop's state in one place (it spans several passes and a resume)."""
+
+    def __init__(self, cfg, source, device, tokenizer, windows, tests, observers, state: RunState,
+                 cache: ReferenceCache | None, batch: int, noise_tokens: int, writer: BackgroundWriter,
+                 collect_snapshots: bool = False):
+        self.cfg, self.source, self.device, self.tokenizer = cfg, source, device, tokenizer
+        self.windows, self.tests, self.observers, self.state = windows, tests, observers, state
+        self.cache, self.noise_tokens = cache, noise_tokens
+        self.refstore = cache if cache is not None else state
+        self.writer = writer  # shared with the state and the cache: one queue keeps their writes in order
+        state.writer = writer
+        n = windows.n_tokens
+        self.ref = TokenArrays.empty(n, divergence=False)
+        self.arrays = {p.name: TokenArrays.empty(n, divergence=True) for p in tests}
+        self.failed: dict[str, str] = {}
+        self.noise: TokenArrays | None = None
+        self.prov: dict[str, object] = {}
+        self.batch = batch
+        self.segments: list[tuple[int, int, int]] | None = None
+        self.resumed: set[str] = set()  # dtypes whose saved passes were reused
+        self.cached_reference = False  # the reference came from the cache (no reference model loaded)
+        self.not_kept: str | None = None  # why the reference's logits were not written (see worth_keeping)
+        self.keep_snapshots = state.enabled or cache is not None or collect_snapshots
+        self.collected: list[tuple[str, str, int, list]] | None = [] if collect_snapshots else None
+        plan = (cache.plan() if cache is not None else None) or state.plan()
+        if plan is not None:
+            self.segments = [tuple(s) for s in plan["segments"]]
+            self.batch = plan["batch"]
+            self.prov.update(plan["prov"])
+
+    def ctx(self, p: Precision, role: str, model, seg: int) -> PassContext:
+        span = self.segments[seg] if self.segments and seg < len(self.segments) else (0, 0, 0)
+        return PassContext(p, role, model, self.tokenizer, self.device, self.cfg, self.windows, seg, span, self.batch)
+
+    def _restore(self, seg: int, name: str, arrays: TokenArrays, p: Precision, role: str, store) -> None:
+        saved, meta = store.load(seg, name)
+        if store is self.state:  # (a cached reference is reported as a cache hit instead)
+            self.resumed.add(p.name)
+        offset = self.segments[seg][2]
+        arrays.restore(offset, {k: v for k, v in saved.items() if not k.startswith("noise/")},
+                       meta["timing"], meta["batch_size"])
+        if role == "reference" and seg == 0 and "noise/kl" in saved:
+            noise = {k[6:]: v for k, v in saved.items() if k.startswith("noise/")}
+            self.noise = TokenArrays.empty(len(noise["kl"]), divergence=True)
+            self.noise.restore(0, noise, meta["noise_timing"], meta["noise_batch_size"])
+        ctx = self.ctx(p, role, None, seg)
+        snaps = meta.get("observers", [])
+        restore_observers(self.observers, ctx, snaps)
+        self._collect(p.name, role, seg, snaps)
+
+    def _snapshots(self, ctx: PassContext) -> list:
+        if not self.keep_snapshots:  # nothing will be saved: don't encode the observers' state
+            return []
+        snaps = [obs.snapshot(ctx) if hasattr(obs, "snapshot") else None for obs in self.observers]
+        self._collect(ctx.precision.name, ctx.role, ctx.segment, snaps)
+        return snaps
+
+    def _fault(self, name: str) -> None:
+        """Fault injection for the interruption tests: EVALSUITE_FAULT=kill-after:<pass name>.
+
+        The kill comes once the pass is saved (its background writes finished).
+        """
+        if os.environ.get("EVALSUITE_FAULT") == f"kill-after:{name}":
+            self.writer.join()
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    def _collect(self, name: str, role: str, seg: int, snaps: list) -> None:
+        if self.collected is not None:  # a data-parallel rank: rank 0 restores these into its observers
+            self.collected.append((name, role, seg, snaps))
+
+    def run_all(self) -> None:
+        seg = 0
+        while self.segments is None or seg < len(self.segments):
+            todo = [p for p in self.tests if p.name not in self.failed and not self.state.has(seg, p.name)]
+            buffer = self._reference(seg, need_logits=bool(todo))
+            for p in self.tests:
+                if p not in todo and p.name not in self.failed:
+                    self._restore(seg, p.name, self.arrays[p.name], p, "test", self.state)
+            for p in todo:
+                self._test(seg, p, buffer)
+            del buffer
+            unload(None)
+            self.state.drop_logits_when_done(seg, [p.name for p in self.tests])
+            seg += 1
+
+    def _load(self, p: Precision):
+        """(model, seconds) for one precision, placed as the run asks."""
+        t0 = time.perf_counter()
+        model = load_model(self.source, p, self.device, self.cfg.trust_remote_code, self.cfg.attn_implementation,
+                           device_map=self.cfg.device_map)
+        return model, time.perf_counter() - t0
+
+    def _scorer(self, model, p: Precision, arrays: TokenArrays | None = None) -> Scorer:
+        """The pass's Scorer; test passes in 2-byte dtypes compiled under --compile (compiled.py)."""
+        compile = self.cfg.compile and arrays is not None and p.is_half
+        scorer = Scorer(model, self.device, compile=compile)
+        self.prov.setdefault("padded_head", {})[p.name] = scorer.padded_head is not None
+        if scorer.compiled:
+            arrays.timing["compile_s"] = arrays.timing.get("compile_s", 0.0) + scorer.compile_s
+            info = self.prov.setdefault("compiled", {"backend": "inductor", "dynamic": True,
+                                                     "emulate_precision_casts": True, "dtypes": {}})
+            info["dtypes"][p.name] = {"modules": len(scorer.compiled), "compile_s": round(scorer.compile_s, 3)}
+        return scorer
+
+    def _reference(self, seg: int, need_logits: bool) -> torch.Tensor | None:
+        if self.segments is not None and self.refstore.has(seg, "reference"):
+            try:
+                buffer = self.refstore.load_logits(seg, self.device) if need_logits else None
+                self._restore(seg, "reference", self.ref, self.cfg.reference, "reference", self.refstore)
+                self.cached_reference = self.cache is not None
+                return buffer
+            except CacheCorrupt as exc:
+                self.cache.drop(str(exc))
+                say(f"{self.cache.problem}; computing the reference again")
+                self.cache.reopen()
+        return self._reference_pass(seg, need_logits)
+
+    def _reference_pass(self, seg: int, need_logits: bool) -> torch.Tensor | None:
+        cfg, ref_name = self.cfg, self.cfg.reference.name
+        model, load_s = self._load(cfg.reference)
+        self.ref.timing["load_s"] += load_s
+        with exact_fp32() as ref_flags:
+            scorer = self._scorer(model, cfg.reference)
+            if self.segments is None:
+                tokens = buffer_tokens(cfg, self.device, scorer.vocab_size, self.windows.n_tokens)
+                self.segments = segments_of(self.windows.windows, tokens)
+                if scorer.split_reason:
+                    self.prov["logits_path_reason"] = scorer.split_reason
+                self.prov.update(reference_flags=ref_flags, logits_path=scorer.logits_path,
+                                 chunk_tokens=scorer.chunk_tokens, buffer_tokens=tokens,
+                                 n_segments=len(self.segments),
+                                 attn_implementation=getattr(model.config, "_attn_implementation", None))
+                if cfg.device_map:
+                    self.prov["placement"] = placement(model)
+                if len(self.segments) > 1:
+                    say(f"reference logits kept in {len(self.segments)} segments of <= {tokens} tokens")
+            first, last, offset = self.segments[seg]
+            seg_windows = self.windows.windows[first:last]
+            seg_tokens = sum(len(w) - 1 for w in seg_windows)
+            buffer = torch.empty((seg_tokens, scorer.vocab_size), dtype=torch.float32, device=self.device)
+            ctx = self.ctx(cfg.reference, "reference", model, seg)
+            staged = staging(seg_tokens, self.device, divergence=False)
+            before = self.ref.timing["pass_s"]
+            self.batch = timed_pass(ctx, scorer, seg_windows, partial(keep_reference, buffer, staged), staged,
+                                    self.ref, self.observers, f"{ref_name} (reference)")
+            saved = self.ref.segment(offset, seg_tokens)
+            meta = {"timing": _timing(self.ref, load_s, before),
+                    "batch_size": self.batch, "observers": self._snapshots(ctx)}
+            if seg == 0 and self.noise_tokens > 0:
+                self.noise = noise_pass(cfg, scorer, seg_windows, buffer, self.batch, self.noise_tokens)
+                saved.update({f"noise/{k}": v for k, v in self.noise.segment(0, len(self.noise.kl)).items()})
+                meta.update(noise_timing=self.noise.timing, noise_batch_size=self.noise.batch_size)
+        del scorer, ctx, staged
+        unload(model)
+        plan = {"segments": self.segments, "batch": self.batch, "prov": self.prov}
+        self.state.save_plan(plan)
+        if self.cache is not None:
+            self.cache.save_plan(plan)
+        pass_s, nbytes = meta["timing"]["pass_s"], buffer.numel() * buffer.element_size()
+        if worth_keeping(pass_s, nbytes):
+            if need_logits or self.cache is not None:  # the cache keeps logits even when no dtype needs them now
+                self.refstore.save_logits(seg, buffer)
+            self.refstore.save(seg, "reference", saved, meta)  # after the logits: "reference done" implies them
+        elif self.not_kept is None and (self.cache is not None or self.state.enabled):
+            self.not_kept = (f"recomputing the reference ({pass_s:.1f} s) is quicker than reading back its "
+                             f"{nbytes / 2**30:.1f} GiB of logits")
+            say(f"reference not kept for reuse: {self.not_kept}")
+        self._fault(ref_name)
+        return buffer if need_logits else None
+
+    def _test(self, seg: int, p: Precision, buffer: torch.Tensor) -> None:
+        test = self.arrays[p.name]
+        try:
+            model, load_s = self._load(p)
+        except Exception as exc:
+            self.failed[p.name] = str(exc)
+            say(f"{p.name} failed: {exc}; the other dtypes go on")
+            return
+        test.timing["load_s"] += load_s
+        self.prov.setdefault("test_flags", numeric_flags())
+        scorer = self._scorer(model, p, test)
+        first, last, offset = self.segments[seg]
+        seg_windows = self.windows.windows[first:last]
+        ctx = self.ctx(p, "test", model, seg)
+        staged = staging(len(buffer), self.device, divergence=True)
+        before = test.timing["pass_s"]
+        try:
+            timed_pass(ctx, scorer, seg_windows, partial(compare, buffer, staged), staged, test, self.observers, p.name)
+        except EvalsuiteError as exc:  # e.g. out of memory even at batch size 1: the others go on
+            self.failed[p.name] = str(exc)
+            say(f"{p.name} failed: {exc}; the other dtypes go on")
+        else:
+            meta = {"timing": _timing(test, load_s, before), "batch_size": test.batch_size,
+                    "observers": self._snapshots(ctx)}
+            if scorer.compiled:
+                meta["timing"]["compile_s"] = scorer.compile_s
+            self.state.save(seg, p.name, test.segment(offset, len(buffer)), meta)
+        del scorer, ctx, staged
+        unload(model)
+        self._fault(p.name)
+
+
+def _timing(arrays: TokenArrays, load_s: float, pass_s_before: float) -> dict:
+    """This segment's share of a dtype's timing (the arrays accumulate over segments)."""
+    t = {"load_s": load_s, "pass_s": arrays.timing["pass_s"] - pass_s_before}
+    if "peak_memory_gib" in arrays.timing:
+        t["peak_memory_gib"] = arrays.timing["peak_memory_gib"]
+    return t
