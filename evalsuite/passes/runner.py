@@ -16,20 +16,21 @@ import torch
 import evalsuite
 from evalsuite.config import RunConfig, resolve_device
 from evalsuite.errors import EvalsuiteError, UsageError
+from evalsuite.log import only_rank0, say
 from evalsuite.metrics import kernels
 from evalsuite.metrics.summary import build_results
 from evalsuite.model.forward import auto_batch_size
 from evalsuite.model.loading import check_model_source, hidden_size, load_tokenizer, stored_dtype
 from evalsuite.model.precision import DTYPES, Precision, unsupported_reason
 from evalsuite.passes import distributed
-from evalsuite.passes.loop import QUIET, Loop, say
+from evalsuite.passes.loop import Loop
 from evalsuite.passes.scoring import PassContext, TokenArrays, restore_observers
 from evalsuite.store import corpus as corpus_mod
 from evalsuite.store.logits import BackgroundWriter
 from evalsuite.store.refcache import ReferenceCache, cache_fields, checkpoint_digest, tokens_digest
 from evalsuite.store.state import RunState, model_signature
 
-__all__ = ["run", "say"]
+__all__ = ["run"]
 
 NOISE_SHARE = 8  # a large run's noise-floor pass re-scores at most 1/NOISE_SHARE of its tokens ...
 NOISE_MIN = 4096  # ... but a small run's up to this many (it is cheap there)
@@ -100,6 +101,14 @@ def _tests_and_skipped(cfg: RunConfig, device: torch.device) -> tuple[list[Preci
 
 def run(cfg: RunConfig, source: str, observers: tuple = (), resume: bool = False, fresh: bool = False,
         write_outputs=None):
+    """See `_run`; under torchrun only rank 0 speaks."""
+    dist = distributed.from_env()
+    with only_rank0(dist.rank if dist else 0):
+        return _run(cfg, source, observers, resume, fresh, write_outputs)
+
+
+def _run(cfg: RunConfig, source: str, observers: tuple = (), resume: bool = False, fresh: bool = False,
+         write_outputs=None):
     """Evaluate `source` per `cfg`; return (`RunResults`, per-token arrays by name).
 
     With `resume`, finished passes are kept in `<cfg.out_dir>/.state` and reused by a rerun
@@ -124,7 +133,6 @@ def run(cfg: RunConfig, source: str, observers: tuple = (), resume: bool = False
                              "already has its own GPU: use one or the other")
         distributed.init(dist)
         device_name = distributed.rank_device(dist, cfg.device)
-        QUIET["on"] = dist.rank != 0
         if dist.rank != 0:
             cfg = replace(cfg, progress=False)
     torch.manual_seed(cfg.seed)
