@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -11,35 +11,48 @@ from evalsuite.errors import UsageError
 from evalsuite.model.precision import Precision
 from evalsuite.store.corpus import CorpusSpec
 
+# What an option changes, read by `numeric_fields` (the resume fingerprint) and
+# `reference_fields` (the reference cache key): one place decides, instead of two hand-kept lists.
+REFERENCE = "reference"  # changes the reference pass, so every number: resume fingerprint and cache key
+TESTS = "tests"  # changes only the test passes or what is computed from them: resume fingerprint
+CONTENT = "content"  # changes the numbers, identified at run time by a content hash (checkpoint files,
+#                     token windows, resolved device): the fingerprint holds the value, the cache key the hash
+
+
+def option(default=None, numbers: str | None = None):
+    """A RunConfig field; `numbers` says which passes' figures it changes (None: no figure)."""
+    return field(default=default, metadata={"numbers": numbers})
+
 
 @dataclass(frozen=True)
 class RunConfig:
-    model: str | None  # local path or Hub id; None = the embedded demo model
-    dtypes: tuple[Precision, ...]  # the test precisions, in order
-    reference: Precision
-    device: str  # "auto", "cpu", "cuda" or "cuda:N"
-    corpus: CorpusSpec
-    seq_len: int = 2048
-    max_tokens: int | None = None
-    batch_size: int | None = None  # None = automatic
-    out_dir: Path = Path("reports/run")
-    seed: int = 0
-    trust_remote_code: bool = False
-    noise_tokens: int = 32768  # tokens of the second reference pass that measures the noise floor
-    buffer_gib: float | None = None  # device memory for the reference's logits; None = automatic
-    attn_implementation: str | None = None
-    progress: bool = True
-    numerics: bool = True  # weight, activation and layer-wise diagnostics (docs/numerics.md)
-    headroom_margin_bits: float = 1.0  # activations within this many bits of a dtype's max are flagged
-    tasks: tuple[str, ...] = ()  # lm-eval multiple-choice tasks scored at each dtype (docs/benchmarks.md)
-    num_fewshot: int | None = None  # None = each task's own default
-    limit: float | None = None  # questions per task/subject: a count, or a fraction below 1
-    cmmlu_dir: Path | None = None  # local CMMLU copy for cmmlu_local (else $EVALSUITE_CMMLU_DIR)
-    ceval_dir: Path | None = None  # local C-Eval copy for ceval-valid_local (else $EVALSUITE_CEVAL_DIR)
-    device_map: str | None = None  # "auto": shard each model over the visible GPUs through accelerate
-    reference_cache: Path | None = None  # directory of cached reference passes (refcache.py); None = off
-    reference_cache_gib: float = 64.0  # the cache evicts least recently used entries beyond this size
-    compile: bool = False  # torch.compile the 2-byte test models' attention/MLP/norm modules (compiled.py)
+    model: str | None = option(numbers=CONTENT)  # local path or Hub id; None = the embedded demo model
+    # the test precisions, in order; not in the fingerprint: each saved pass is filed under its own name
+    dtypes: tuple[Precision, ...] = option(())
+    reference: Precision | None = option(numbers=REFERENCE)
+    device: str = option("auto", CONTENT)  # "auto", "cpu", "cuda" or "cuda:N"; the resolved device is hashed
+    corpus: CorpusSpec | None = option(numbers=CONTENT)
+    seq_len: int = option(2048, CONTENT)
+    max_tokens: int | None = option(numbers=CONTENT)
+    batch_size: int | None = option(numbers=REFERENCE)  # None = automatic
+    out_dir: Path = option(Path("reports/run"))
+    seed: int = option(0, TESTS)
+    trust_remote_code: bool = option(False, REFERENCE)  # checkpoint code may compute anything
+    noise_tokens: int = option(32768, REFERENCE)  # tokens of the second reference pass (the noise floor)
+    buffer_gib: float | None = option(numbers=REFERENCE)  # device memory for the reference's logits; None = auto
+    attn_implementation: str | None = option(numbers=REFERENCE)
+    progress: bool = option(True)
+    numerics: bool = option(True, TESTS)  # weight, activation and layer-wise diagnostics (docs/numerics.md)
+    headroom_margin_bits: float = option(1.0, TESTS)  # activations this many bits below a dtype's max are flagged
+    tasks: tuple[str, ...] = option((), TESTS)  # lm-eval multiple-choice tasks scored at each dtype
+    num_fewshot: int | None = option(numbers=TESTS)  # None = each task's own default
+    limit: float | None = option(numbers=TESTS)  # questions per task/subject: a count, or a fraction below 1
+    cmmlu_dir: Path | None = option(numbers=TESTS)  # local CMMLU copy for cmmlu_local (else $EVALSUITE_CMMLU_DIR)
+    ceval_dir: Path | None = option(numbers=TESTS)  # local C-Eval copy for ceval-valid_local (else $EVALSUITE_CEVAL_DIR)
+    device_map: str | None = option(numbers=REFERENCE)  # "auto": shard each model over the visible GPUs
+    reference_cache: Path | None = option()  # directory of cached reference passes (refcache.py); None = off
+    reference_cache_gib: float = option(64.0)  # the cache evicts least recently used entries beyond this size
+    compile: bool = option(False, TESTS)  # torch.compile the 2-byte test models' attention/MLP/norm modules
 
     def __post_init__(self) -> None:
         if self.seq_len < 1:
@@ -48,6 +61,8 @@ class RunConfig:
             raise UsageError(f"--max-tokens must be at least 1, got {self.max_tokens}")
         if self.batch_size is not None and self.batch_size < 1:
             raise UsageError(f"--batch-size must be at least 1 or 'auto', got {self.batch_size}")
+        if self.reference is None or self.corpus is None:
+            raise UsageError("a run needs a reference precision and a corpus")
         if not self.dtypes:
             raise UsageError("--dtypes is empty: give at least one of fp16, bf16, fp32")
         if not 0 <= self.headroom_margin_bits < 128:  # also false for NaN
@@ -62,38 +77,34 @@ class RunConfig:
             raise UsageError(f"--limit must be positive (a count, or a fraction below 1), got {self.limit}")
 
     def to_dict(self) -> dict[str, object]:
-        return {
-            "model": self.model,
-            "dtypes": [p.name for p in self.dtypes],
-            "reference": self.reference.name,
-            "device": self.device,
-            "corpus": {
-                "source": self.corpus.source,
-                "column": self.corpus.column,
-                "hf_config": self.corpus.hf_config,
-                "hf_split": self.corpus.hf_split,
-            },
-            "seq_len": self.seq_len,
-            "max_tokens": self.max_tokens,
-            "batch_size": self.batch_size if self.batch_size is not None else "auto",
-            "out_dir": str(self.out_dir),
-            "seed": self.seed,
-            "trust_remote_code": self.trust_remote_code,
-            "noise_tokens": self.noise_tokens,
-            "buffer_gib": self.buffer_gib,
-            "attn_implementation": self.attn_implementation,
-            "numerics": self.numerics,
-            "headroom_margin_bits": self.headroom_margin_bits,
-            "tasks": list(self.tasks),
-            "num_fewshot": self.num_fewshot,
-            "limit": self.limit,
-            "cmmlu_dir": str(self.cmmlu_dir) if self.cmmlu_dir else None,
-            "ceval_dir": str(self.ceval_dir) if self.ceval_dir else None,
-            "device_map": self.device_map,
-            "reference_cache": str(self.reference_cache) if self.reference_cache else None,
-            "reference_cache_gib": self.reference_cache_gib,
-            "compile": self.compile,
-        }
+        """Every option as JSON values: the `config` section of results.json."""
+        out = {f.name: _json(getattr(self, f.name)) for f in fields(self)}
+        out["batch_size"] = self.batch_size if self.batch_size is not None else "auto"
+        return out
+
+
+def _json(value):
+    if isinstance(value, Precision):
+        return value.name
+    if isinstance(value, CorpusSpec):
+        return {"source": value.source, "column": value.column, "hf_config": value.hf_config,
+                "hf_split": value.hf_split}
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, tuple):
+        return [_json(v) for v in value]
+    return value
+
+
+def numeric_fields(cfg: RunConfig) -> dict[str, object]:
+    """The options that change any number, by value: what a resumed run must share with the killed one."""
+    return {f.name: _json(getattr(cfg, f.name)) for f in fields(cfg) if f.metadata["numbers"]}
+
+
+def reference_fields(cfg: RunConfig) -> dict[str, object]:
+    """The options that change the reference pass, by value: part of the reference cache key (content
+    options enter it as hashes instead)."""
+    return {f.name: _json(getattr(cfg, f.name)) for f in fields(cfg) if f.metadata["numbers"] == REFERENCE}
 
 
 def resolve_device(name: str) -> torch.device:

@@ -11,6 +11,7 @@ import torch
 
 import evalsuite
 from evalsuite.metrics.stats import divergence_stats, kl_histogram, paired_perplexity, perplexity
+from evalsuite.store.provenance import Provenance
 from evalsuite.store.results import DtypeResult, RunResults
 
 WORST_TOKENS = 12
@@ -22,29 +23,26 @@ def _divergence(arrays, mask: np.ndarray):
                             arrays.max_abs_dlogit[mask])
 
 
-def provenance(device: torch.device, extra: dict) -> dict:
+def environment(prov: Provenance, device: torch.device) -> None:
+    """The software and machine facts, into `prov`."""
     import transformers
 
-    prov = {
-        "evalsuite": evalsuite.__version__,
-        "python": sys.version.split()[0],
-        "platform": platform.platform(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "numpy": np.__version__,
-        "cuda": torch.version.cuda,
-        "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
-        "torch_threads": torch.get_num_threads(),
-    }
+    prov.evalsuite, prov.python, prov.platform = evalsuite.__version__, sys.version.split()[0], platform.platform()
+    prov.torch, prov.transformers, prov.numpy, prov.cuda = (torch.__version__, transformers.__version__,
+                                                            np.__version__, torch.version.cuda)
+    prov.cudnn = torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None
+    prov.device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    prov.torch_threads = torch.get_num_threads()
     if device.type == "cuda":
-        prov["compute_capability"] = ".".join(map(str, torch.cuda.get_device_capability(device)))
-        prov["gpu_memory_gib"] = round(torch.cuda.get_device_properties(device).total_memory / 2**30, 1)
-    prov.update(extra)
-    return prov
+        prov.compute_capability = ".".join(map(str, torch.cuda.get_device_capability(device)))
+        prov.gpu_memory_gib = round(torch.cuda.get_device_properties(device).total_memory / 2**30, 1)
 
 
-def build_results(cfg, source, device, tokenizer, windows, corpus_identity, ref, noise, arrays, skipped, failed, prov):
+def build_results(s, loop, stored_dtype: str | None) -> RunResults:
+    """The results of a run: `s` is the runner's Setup (cfg, source, device, tokenizer, windows,
+    corpus_identity, skipped), `loop` the finished pass loop (ref, noise, arrays, failed, prov)."""
+    cfg, source, device, tokenizer, windows = s.cfg, s.source, s.device, s.tokenizer, s.windows
+    ref, noise, arrays, skipped, failed, prov = loop.ref, loop.noise, loop.arrays, s.skipped, loop.failed, loop.prov
     bytes_ = windows.target_bytes
     ref_ok = ref.nonfinite == 0
     ref_ppl = perplexity(ref.nll[ref_ok], int(bytes_[ref_ok].sum()))
@@ -109,16 +107,21 @@ def build_results(cfg, source, device, tokenizer, windows, corpus_identity, ref,
     if distributions:
         sections["kl_histograms"] = distributions
         sections["worst_tokens"] = worst
-    model_info = {"source": source, "stored_dtype": prov.pop("stored_dtype", None),
+    model_info = {"source": source, "stored_dtype": stored_dtype,
                   "is_demo": cfg.model is None, "vocab_size": int(getattr(tokenizer, "vocab_size", 0) or 0)}
-    corpus_info = {**corpus_identity, "n_tokens": windows.n_tokens, "n_windows": len(windows.windows),
+    corpus_info = {**s.corpus_identity, "n_tokens": windows.n_tokens, "n_windows": len(windows.windows),
                    "seq_len": windows.seq_len, "context": windows.context,
                    "n_scored_bytes": int(bytes_.sum()), "tokenizer": type(tokenizer).__name__}
     return RunResults(
-        config=cfg.to_dict(), provenance=provenance(device, prov), model=model_info, corpus=corpus_info,
+        config=cfg.to_dict(), provenance=_provenance(prov, device), model=model_info, corpus=corpus_info,
         reference=cfg.reference.name, dtypes=dtypes, noise_floor=noise_section, sections=sections,
         created_utc=datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"), evalsuite_version=evalsuite.__version__,
     )
+
+
+def _provenance(prov: Provenance, device: torch.device) -> dict:
+    environment(prov, device)
+    return prov.to_dict()
 
 
 def _worst_tokens(a, ref, ok, windows, tokenizer) -> list[dict]:

@@ -17,13 +17,14 @@ thread while the next pass computes.
 from __future__ import annotations
 
 import os
-import signal
 import time
+from dataclasses import dataclass
 from functools import partial
 
 import numpy as np
 import torch
 
+from evalsuite.config import RunConfig
 from evalsuite.errors import EvalsuiteError
 from evalsuite.log import say
 from evalsuite.model.forward import Scorer
@@ -39,7 +40,9 @@ from evalsuite.passes.scoring import (
     staging,
     timed_pass,
 )
+from evalsuite.store.corpus import TokenWindows
 from evalsuite.store.logits import BackgroundWriter
+from evalsuite.store.provenance import Provenance
 from evalsuite.store.refcache import CacheCorrupt, ReferenceCache
 from evalsuite.store.state import RunState
 
@@ -85,36 +88,61 @@ def buffer_tokens(cfg, device: torch.device, vocab: int, n_tokens: int) -> int:
     return int(max(cfg.seq_len, min(n_tokens, budget // (4 * vocab))))
 
 
+@dataclass(frozen=True)
+class Plan:
+    """What the pass loop runs, fixed before the first model loads."""
+
+    cfg: RunConfig
+    source: str  # checkpoint path or Hub id
+    device: torch.device
+    tokenizer: object
+    windows: TokenWindows  # this rank's windows
+    tests: tuple[Precision, ...]  # the test precisions that can run here, in order
+    batch: int  # windows per batch (the reference may halve it on out-of-memory)
+    noise_tokens: int  # tokens of the noise-floor pass on this rank
+
+
+@dataclass
+class Stores:
+    """Where finished passes go; one background writer keeps their writes in order."""
+
+    state: RunState
+    cache: ReferenceCache | None
+    writer: BackgroundWriter
+
+
+def after_pass(loop: Loop, name: str) -> None:
+    """Called once each pass is saved; a seam for the interruption tests (tests/faultrun.py), a no-op here."""
+
+
 class Loop:
     """The segment loop's state in one place (it spans several passes and a resume)."""
 
-    def __init__(self, cfg, source, device, tokenizer, windows, tests, observers, state: RunState,
-                 cache: ReferenceCache | None, batch: int, noise_tokens: int, writer: BackgroundWriter,
-                 collect_snapshots: bool = False):
-        self.cfg, self.source, self.device, self.tokenizer = cfg, source, device, tokenizer
-        self.windows, self.tests, self.observers, self.state = windows, tests, observers, state
-        self.cache, self.noise_tokens = cache, noise_tokens
-        self.refstore = cache if cache is not None else state
-        self.writer = writer  # shared with the state and the cache: one queue keeps their writes in order
-        state.writer = writer
-        n = windows.n_tokens
+    def __init__(self, plan: Plan, stores: Stores, observers: tuple, collect_snapshots: bool = False):
+        self.cfg, self.source, self.device, self.tokenizer = plan.cfg, plan.source, plan.device, plan.tokenizer
+        self.windows, self.tests, self.observers = plan.windows, plan.tests, observers
+        self.state, self.cache, self.writer = stores.state, stores.cache, stores.writer
+        self.noise_tokens = plan.noise_tokens
+        self.refstore = self.cache if self.cache is not None else self.state
+        self.state.writer = self.writer
+        n = self.windows.n_tokens
         self.ref = TokenArrays.empty(n, divergence=False)
-        self.arrays = {p.name: TokenArrays.empty(n, divergence=True) for p in tests}
+        self.arrays = {p.name: TokenArrays.empty(n, divergence=True) for p in self.tests}
         self.failed: dict[str, str] = {}
         self.noise: TokenArrays | None = None
-        self.prov: dict[str, object] = {}
-        self.batch = batch
+        self.prov = Provenance()
+        self.batch = plan.batch
         self.segments: list[tuple[int, int, int]] | None = None
         self.resumed: set[str] = set()  # dtypes whose saved passes were reused
         self.cached_reference = False  # the reference came from the cache (no reference model loaded)
         self.not_kept: str | None = None  # why the reference's logits were not written (see worth_keeping)
-        self.keep_snapshots = state.enabled or cache is not None or collect_snapshots
+        self.keep_snapshots = self.state.enabled or self.cache is not None or collect_snapshots
         self.collected: list[tuple[str, str, int, list]] | None = [] if collect_snapshots else None
-        plan = (cache.plan() if cache is not None else None) or state.plan()
-        if plan is not None:
-            self.segments = [tuple(s) for s in plan["segments"]]
-            self.batch = plan["batch"]
-            self.prov.update(plan["prov"])
+        saved = (self.cache.plan() if self.cache is not None else None) or self.state.plan()
+        if saved is not None:
+            self.segments = [tuple(s) for s in saved["segments"]]
+            self.batch = saved["batch"]
+            self.prov.update(saved["prov"])
 
     def ctx(self, p: Precision, role: str, model, seg: int) -> PassContext:
         span = self.segments[seg] if self.segments and seg < len(self.segments) else (0, 0, 0)
@@ -142,15 +170,6 @@ class Loop:
         snaps = [obs.snapshot(ctx) if hasattr(obs, "snapshot") else None for obs in self.observers]
         self._collect(ctx.precision.name, ctx.role, ctx.segment, snaps)
         return snaps
-
-    def _fault(self, name: str) -> None:
-        """Fault injection for the interruption tests: EVALSUITE_FAULT=kill-after:<pass name>.
-
-        The kill comes once the pass is saved (its background writes finished).
-        """
-        if os.environ.get("EVALSUITE_FAULT") == f"kill-after:{name}":
-            self.writer.join()
-            os.kill(os.getpid(), signal.SIGKILL)
 
     def _collect(self, name: str, role: str, seg: int, snaps: list) -> None:
         if self.collected is not None:  # a data-parallel rank: rank 0 restores these into its observers
@@ -182,12 +201,13 @@ class Loop:
         """The pass's Scorer; test passes in 2-byte dtypes compiled under --compile (compiled.py)."""
         compile = self.cfg.compile and arrays is not None and p.is_half
         scorer = Scorer(model, self.device, compile=compile)
-        self.prov.setdefault("padded_head", {})[p.name] = scorer.padded_head is not None
+        self.prov.padded_head[p.name] = scorer.padded_head is not None
         if scorer.compiled:
             arrays.timing["compile_s"] = arrays.timing.get("compile_s", 0.0) + scorer.compile_s
-            info = self.prov.setdefault("compiled", {"backend": "inductor", "dynamic": True,
-                                                     "emulate_precision_casts": True, "dtypes": {}})
-            info["dtypes"][p.name] = {"modules": len(scorer.compiled), "compile_s": round(scorer.compile_s, 3)}
+            if self.prov.compiled is None:
+                self.prov.compiled = {"backend": "inductor", "dynamic": True, "emulate_precision_casts": True,
+                                      "dtypes": {}}
+            self.prov.compiled["dtypes"][p.name] = {"modules": len(scorer.compiled), "compile_s": round(scorer.compile_s, 3)}
         return scorer
 
     def _reference(self, seg: int, need_logits: bool) -> torch.Tensor | None:
@@ -212,14 +232,12 @@ class Loop:
             if self.segments is None:
                 tokens = buffer_tokens(cfg, self.device, scorer.vocab_size, self.windows.n_tokens)
                 self.segments = segments_of(self.windows.windows, tokens)
-                if scorer.split_reason:
-                    self.prov["logits_path_reason"] = scorer.split_reason
-                self.prov.update(reference_flags=ref_flags, logits_path=scorer.logits_path,
-                                 chunk_tokens=scorer.chunk_tokens, buffer_tokens=tokens,
-                                 n_segments=len(self.segments),
-                                 attn_implementation=getattr(model.config, "_attn_implementation", None))
-                if cfg.device_map:
-                    self.prov["placement"] = placement(model)
+                self.prov.update({
+                    "logits_path_reason": scorer.split_reason or None, "reference_flags": ref_flags,
+                    "logits_path": scorer.logits_path, "chunk_tokens": scorer.chunk_tokens, "buffer_tokens": tokens,
+                    "n_segments": len(self.segments),
+                    "attn_implementation": getattr(model.config, "_attn_implementation", None),
+                    "placement": placement(model) if cfg.device_map else None})
                 if len(self.segments) > 1:
                     say(f"reference logits kept in {len(self.segments)} segments of <= {tokens} tokens")
             first, last, offset = self.segments[seg]
@@ -240,7 +258,7 @@ class Loop:
                 meta.update(noise_timing=self.noise.timing, noise_batch_size=self.noise.batch_size)
         del scorer, ctx, staged
         unload(model)
-        plan = {"segments": self.segments, "batch": self.batch, "prov": self.prov}
+        plan = {"segments": self.segments, "batch": self.batch, "prov": self.prov.plan_dict()}
         self.state.save_plan(plan)
         if self.cache is not None:
             self.cache.save_plan(plan)
@@ -253,7 +271,7 @@ class Loop:
             self.not_kept = (f"recomputing the reference ({pass_s:.1f} s) is quicker than reading back its "
                              f"{nbytes / 2**30:.1f} GiB of logits")
             say(f"reference not kept for reuse: {self.not_kept}")
-        self._fault(ref_name)
+        after_pass(self, ref_name)
         return buffer if need_logits else None
 
     def _test(self, seg: int, p: Precision, buffer: torch.Tensor) -> None:
@@ -265,7 +283,8 @@ class Loop:
             say(f"{p.name} failed: {exc}; the other dtypes go on")
             return
         test.timing["load_s"] += load_s
-        self.prov.setdefault("test_flags", numeric_flags())
+        if self.prov.test_flags is None:
+            self.prov.test_flags = numeric_flags()
         scorer = self._scorer(model, p, test)
         first, last, offset = self.segments[seg]
         seg_windows = self.windows.windows[first:last]
@@ -285,7 +304,7 @@ class Loop:
             self.state.save(seg, p.name, test.segment(offset, len(buffer)), meta)
         del scorer, ctx, staged
         unload(model)
-        self._fault(p.name)
+        after_pass(self, p.name)
 
 
 def _timing(arrays: TokenArrays, load_s: float, pass_s_before: float) -> dict:

@@ -350,16 +350,17 @@ def test_cli_switch_and_report(tiny_llama, tmp_path):
 
 
 def test_resumed_run_keeps_the_numerics(tiny_llama, tmp_path):
-    import os
     import subprocess
     import sys
+    from pathlib import Path
 
     args = [sys.executable, "-m", "evalsuite", "run", "--model", str(tiny_llama), "--device", "cpu", "--seq-len",
             "64", "--max-tokens", "300", "--no-progress", "--tasks", "none"]
     whole = subprocess.run([*args, "--out", str(tmp_path / "whole")], capture_output=True, text=True)
     assert whole.returncode == 0, whole.stderr
-    env = {**os.environ, "EVALSUITE_FAULT": "kill-after:fp16"}
-    assert subprocess.run([*args, "--out", str(tmp_path / "r")], env=env, capture_output=True).returncode != 0
+    faultrun = str(Path(__file__).resolve().parents[1] / "faultrun.py")
+    killed = [sys.executable, faultrun, "kill-after:fp16", *args[3:]]
+    assert subprocess.run([*killed, "--out", str(tmp_path / "r")], capture_output=True).returncode != 0
     resumed = subprocess.run([*args, "--out", str(tmp_path / "r")], capture_output=True, text=True)
     assert resumed.returncode == 0 and "resumed" in resumed.stderr, resumed.stderr
     a, b = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("whole", "r"))

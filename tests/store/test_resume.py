@@ -3,20 +3,22 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 FAST = ["--device", "cpu", "--seq-len", "64", "--max-tokens", "400", "--no-progress"]
 
 
-def _cli(args, env_extra=None):
-    env = {**os.environ, **(env_extra or {})}
-    return subprocess.run([sys.executable, "-m", "evalsuite", *args], capture_output=True, text=True, env=env,
-                          timeout=600)
+FAULTRUN = str(Path(__file__).resolve().parents[1] / "faultrun.py")
+
+
+def _cli(args, fault=None):
+    launcher = [FAULTRUN, fault] if fault else ["-m", "evalsuite"]
+    return subprocess.run([sys.executable, *launcher, *args], capture_output=True, text=True, timeout=600)
 
 
 def _metrics(out):
@@ -40,7 +42,7 @@ EXTRA = ["--no-numerics", "--tasks", "none"]
 def test_sigkill_then_resume(tiny_llama, tmp_path, uninterrupted, kill_after):
     # without the reference cache the reference's pass is kept in the resume state
     args = ["run", "--model", str(tiny_llama), "--out", str(tmp_path), *FAST, *EXTRA, "--no-reference-cache"]
-    killed = _cli(args, {"EVALSUITE_FAULT": f"kill-after:{kill_after}"})
+    killed = _cli(args, f"kill-after:{kill_after}")
     assert killed.returncode == -signal.SIGKILL
     assert not (tmp_path / "results.json").exists()  # nothing half-written
     assert (tmp_path / ".state" / "seg0-reference.npz").is_file()
@@ -60,7 +62,7 @@ def test_sigkill_after_the_reference_with_the_cache(tiny_llama, tmp_path, uninte
     cache = tmp_path / "cache"
     args = ["run", "--model", str(tiny_llama), "--out", str(tmp_path / "out"), *FAST, *EXTRA,
             "--reference-cache", str(cache)]
-    killed = _cli(args, {"EVALSUITE_FAULT": "kill-after:fp32"})
+    killed = _cli(args, "kill-after:fp32")
     assert killed.returncode == -signal.SIGKILL
     assert not (tmp_path / "out" / ".state" / "seg0-reference.npz").exists()
     resumed = _cli(args)
@@ -74,7 +76,7 @@ def test_other_settings_in_the_same_out_dir(tiny_llama, tmp_path, capsys):
     from evalsuite.cli import main
 
     args = ["run", "--model", str(tiny_llama), "--out", str(tmp_path), *FAST, *EXTRA]
-    assert _cli(args, {"EVALSUITE_FAULT": "kill-after:fp32"}).returncode == -signal.SIGKILL
+    assert _cli(args, "kill-after:fp32").returncode == -signal.SIGKILL
     rc = main([*args[:-len(EXTRA)], "--seq-len", "32", *EXTRA])
     err = capsys.readouterr().err
     assert rc == 2 and "--fresh" in err and "Traceback" not in err
