@@ -24,9 +24,11 @@ class ReferenceTokens:
 def reference_tokens(logits: torch.Tensor, targets: torch.Tensor) -> ReferenceTokens:
     """NLL and argmax per token. logits (C, V) any float dtype; targets (C,) int64."""
     if kernels.available(logits.device):
-        out = kernels.fused_rows(logits, logits)  # (C, 8): the test columns describe `logits` itself
+        out = kernels.fused_rows(logits, logits)  # (C, N_OUT): the test columns describe `logits` itself
+        col = kernels.COL
         target_logit = logits.gather(1, targets[:, None]).squeeze(1).double()
-        return ReferenceTokens(nll=out[:, 2] - target_logit, argmax=out[:, 5].long(), nonfinite=out[:, 6].long())
+        return ReferenceTokens(nll=out[:, col["lse_test"]] - target_logit, argmax=out[:, col["argmax_test"]].long(),
+                               nonfinite=out[:, col["nonfinite_test"]].long())
     x = logits.double()  # (C, V) float64: the NLL sums to a perplexity over many tokens
     lse = torch.logsumexp(x, dim=-1)  # (C,)
     target_logit = x.gather(1, targets[:, None]).squeeze(1)  # (C,)
@@ -84,13 +86,15 @@ def token_divergence(ref_logits: torch.Tensor, test_logits: torch.Tensor, target
 
 def _fused_divergence(ref_logits: torch.Tensor, test_logits: torch.Tensor, targets: torch.Tensor) -> TokenDivergence:
     """The same statistics from one fused pass (kernels.py): no (C, V) float64 temporaries."""
-    out = kernels.fused_rows(ref_logits, test_logits)  # (C, 8) float64
-    kl, lse_ref, lse_test, dmax = out[:, 0], out[:, 1], out[:, 2], out[:, 3]
-    argmax_ref, argmax_test, bad = out[:, 4].long(), out[:, 5].long(), out[:, 6] > 0
+    out = kernels.fused_rows(ref_logits, test_logits)  # (C, N_OUT) float64
+    kl, lse_ref, lse_test, dmax = (out[:, kernels.COL[k]] for k in ("kl", "lse_ref", "lse_test", "max_abs_dlogit"))
+    argmax_ref, argmax_test = out[:, kernels.COL["argmax_ref"]].long(), out[:, kernels.COL["argmax_test"]].long()
+    nonfinite = out[:, kernels.COL["nonfinite_test"]]  # (C,)
+    bad = nonfinite > 0
     ref_t = ref_logits.gather(1, targets[:, None]).squeeze(1).double()
     test_t = test_logits.gather(1, targets[:, None]).squeeze(1).double()
     nan = float("nan")  # a Python scalar: no host-to-device copy, so no sync per chunk
-    test = ReferenceTokens(nll=lse_test - test_t, argmax=argmax_test, nonfinite=out[:, 6].long())
+    test = ReferenceTokens(nll=lse_test - test_t, argmax=argmax_test, nonfinite=nonfinite.long())
     return TokenDivergence(
         kl=kl.masked_fill(bad, nan),
         top1_agree=(argmax_ref == argmax_test) & ~bad,

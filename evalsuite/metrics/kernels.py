@@ -28,7 +28,12 @@ except ImportError:  # pragma: no cover - exercised on machines without triton
     triton = None
 
 BLOCK, NUM_WARPS = 512, 8  # lanes per row and warps per program: measured by benchmarks/perf_gpu.py (stage kernel)
-N_OUT = 8  # kl, lse_ref, lse_test, max|dlogit|, argmax_ref, argmax_test, nonfinite_test, nonfinite_ref
+# The kernel's output columns, in the order its stores write them (the `tl.store(out + i, ...)` lines
+# below); callers read a column by name through COL, never by a bare index.
+COLUMNS = ("kl", "lse_ref", "lse_test", "max_abs_dlogit", "argmax_ref", "argmax_test", "nonfinite_test",
+           "nonfinite_ref")
+COL = {name: i for i, name in enumerate(COLUMNS)}
+N_OUT = len(COLUMNS)
 
 if triton is not None:
 
@@ -94,7 +99,7 @@ if triton is not None:
         first_t = tl.min(tl.where(m_t == big_t, arg_t, V), axis=0)
         lse_r = big_r + tl.log(zr)
         lse_t = big_t + tl.log(zt)
-        out = out_ptr + row * 8
+        out = out_ptr + row * 8  # N_OUT columns, in COLUMNS order
         tl.store(out + 0, sr / zr - lse_r + lse_t)
         tl.store(out + 1, lse_r)
         tl.store(out + 2, lse_t)

@@ -96,10 +96,8 @@ def finish(dist: Dist) -> None:
 
 def concat_arrays(parts: list, cls):
     """TokenArrays of consecutive token ranges -> one TokenArrays, timing as a wall clock (max)."""
-    from evalsuite.passes.scoring import _DIVERGENCE_FIELDS, _TOKEN_FIELDS
-
     first = parts[0]
-    names = [k for k in (*_TOKEN_FIELDS, *_DIVERGENCE_FIELDS) if getattr(first, k) is not None]
+    names = first.names()
     merged = cls(**{k: np.concatenate([getattr(p, k) for p in parts]) for k in names})
     for p in parts:
         for k, v in p.timing.items():

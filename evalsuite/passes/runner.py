@@ -19,6 +19,7 @@ from evalsuite.config import RunConfig, numeric_fields, reference_fields, resolv
 from evalsuite.errors import EvalsuiteError, UsageError
 from evalsuite.log import only_rank0, say
 from evalsuite.metrics import kernels
+from evalsuite.metrics.registry import PER_TOKEN_FILE
 from evalsuite.metrics.summary import build_results
 from evalsuite.model.forward import auto_batch_size
 from evalsuite.model.loading import check_model_source, hidden_size, load_tokenizer, stored_dtype
@@ -260,8 +261,7 @@ def summarize(s: Setup, loop: Loop, observers, cache_info: dict, timing: dict):
     per_token = {"targets": s.windows.targets, "target_bytes": s.windows.target_bytes,
                  f"{ref}/nll": loop.ref.nll, f"{ref}/argmax": loop.ref.argmax}
     for name, a in loop.arrays.items():
-        per_token.update({f"{name}/nll": a.nll, f"{name}/kl": a.kl, f"{name}/argmax": a.argmax,
-                          f"{name}/nonfinite": a.nonfinite})
+        per_token.update({f"{name}/{k}": getattr(a, k) for k in PER_TOKEN_FILE})
     return results, per_token
 
 

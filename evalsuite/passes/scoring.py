@@ -15,6 +15,7 @@ import torch
 
 from evalsuite.config import RunConfig
 from evalsuite.metrics.divergence import reference_tokens, token_divergence
+from evalsuite.metrics.registry import DIVERGENCE_FIELDS, TOKEN_FIELDS, stats_for
 from evalsuite.model.forward import Scorer, run_pass
 from evalsuite.model.precision import Precision
 
@@ -36,18 +37,15 @@ class TokenArrays:
 
     @classmethod
     def empty(cls, n: int, divergence: bool) -> TokenArrays:
-        nan = np.full(n, np.nan)
-        arrays = cls(nll=nan.copy(), argmax=np.zeros(n, np.int64), nonfinite=np.zeros(n, np.int64))
-        if divergence:
-            arrays.kl, arrays.p_ref, arrays.p_test, arrays.max_abs_dlogit = (nan.copy() for _ in range(4))
-            arrays.top1_agree = np.zeros(n, bool)
-        return arrays
+        return cls(**{s.name: s.host_empty(n) for s in stats_for(divergence)})
 
+    def names(self) -> list[str]:
+        """The statistics this pass holds (registry order)."""
+        return [s.name for s in stats_for(self.kl is not None)]
 
     def segment(self, offset: int, n: int) -> dict[str, np.ndarray]:
         """The per-token arrays of tokens [offset, offset + n), for the resume state."""
-        names = ["nll", "argmax", "nonfinite"] + ([] if self.kl is None else list(_DIVERGENCE_FIELDS))
-        return {k: getattr(self, k)[offset : offset + n] for k in names}
+        return {k: getattr(self, k)[offset : offset + n] for k in self.names()}
 
     def restore(self, offset: int, arrays: dict[str, np.ndarray], timing: dict, batch_size: int) -> None:
         for k, v in arrays.items():
@@ -120,26 +118,20 @@ def _note_peak(arrays: TokenArrays, stats) -> None:
         arrays.timing["peak_memory_gib"] = max(arrays.timing.get("peak_memory_gib", 0.0), stats.peak_memory_gib)
 
 
-_TOKEN_FIELDS = {"nll": torch.float64, "argmax": torch.int64, "nonfinite": torch.int64}
-_DIVERGENCE_FIELDS = {"kl": torch.float64, "top1_agree": torch.bool, "p_ref": torch.float64,
-                      "p_test": torch.float64, "max_abs_dlogit": torch.float32}
-
-
 def staging(n: int, device: torch.device, divergence: bool) -> dict[str, torch.Tensor]:
     """Per-token results stay on the device during a pass: no host sync per chunk."""
-    fields = {**_TOKEN_FIELDS, **(_DIVERGENCE_FIELDS if divergence else {})}
-    return {k: torch.empty(n, dtype=dt, device=device) for k, dt in fields.items()}
+    return {s.name: torch.empty(n, dtype=s.dtype, device=device) for s in stats_for(divergence)}
 
 
 def _stage(staged: dict[str, torch.Tensor], pos: int, result) -> None:
     own = getattr(result, "test", result)  # TokenDivergence carries the test's own NLL in .test
-    for k in _TOKEN_FIELDS:
-        value = getattr(own, k)
-        staged[k][pos : pos + len(value)] = value
-    for k in _DIVERGENCE_FIELDS:
-        if k in staged:
-            value = getattr(result, k)
-            staged[k][pos : pos + len(value)] = value
+    for s in TOKEN_FIELDS:
+        value = getattr(own, s.name)
+        staged[s.name][pos : pos + len(value)] = value
+    for s in DIVERGENCE_FIELDS:
+        if s.name in staged:
+            value = getattr(result, s.name)
+            staged[s.name][pos : pos + len(value)] = value
 
 
 def _flush(staged: dict[str, torch.Tensor], arrays: TokenArrays, offset: int) -> None:
