@@ -36,18 +36,37 @@ RECOMPILE_LIMIT = 64  # per forward's code: dtypes x the few shapes a run sees (
 
 
 def compile_modules(model: torch.nn.Module, kinds: tuple[str, ...] = KINDS) -> list[str]:
-    """Replace the forward of each module of `kinds` by a compiled one; return their names."""
-    import torch._dynamo
-    import torch._inductor.config as inductor
+    """Replace the forward of each module of `kinds` by a compiled one; return their names.
 
-    inductor.emulate_precision_casts = True
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
+    No global setting is changed: inductor's precision-cast emulation goes in through
+    `torch.compile(options=...)`, for these compilations only, and Dynamo's recompile limit is
+    raised only while a compiled forward runs (`_with_limit`), so code compiled elsewhere in the
+    same process (a user's, a test's) sees torch's defaults.
+    """
     names = []
     for w in find_modules(model):
         if w.kind in kinds and "forward" not in vars(w.module):
-            w.module.forward = torch.compile(w.module.forward, dynamic=True)
+            compiled = torch.compile(w.module.forward, dynamic=True, options={"emulate_precision_casts": True})
+            w.module.forward = _with_limit(compiled)
             names.append(w.name)
     return names
+
+
+def _with_limit(compiled):
+    """`compiled`, called with Dynamo's recompile limit at least RECOMPILE_LIMIT.
+
+    Why per call: every decoder layer's module shares one `forward` code object, and Dynamo
+    counts the recompilations (one per module instance) against that code object's limit.
+    """
+    import torch._dynamo
+
+    limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
+
+    def forward(*args, **kwargs):
+        with torch._dynamo.config.patch(recompile_limit=limit):
+            return compiled(*args, **kwargs)
+
+    return forward
 
 
 def warm_up(body, vocab_size: int, device: torch.device) -> float:
