@@ -170,6 +170,11 @@ def test_records_file_contract(tiny_llama, tmp_path):
         (q.subject, q.doc_id, q.gold) for q in obs.plan.questions]
     assert all(r["answers"]["fp32"]["nonfinite"] is False for r in recs)
     assert "\\u" not in text and obs.plan.questions[0].question.splitlines()[0] in text  # Chinese as text
+    resumed = BenchmarkObserver(obs.plan, cfg)  # a resumed run restores the prefix with the answers
+    resumed.restore(_ctx(cfg, "fp32", None, None), obs.snapshot(_ctx(cfg, "fp32", None, None)))
+    assert resumed.finish({})[1]["benchmarks"]["prefix_token"] == sections["benchmarks"]["prefix_token"]
+    assert sections["benchmarks"]["prefix_token"]["source"] == "bos"
+    assert resumed.files == obs.files
 
 
 def test_a_whole_run_with_neither_bos_nor_eos(models, tmp_path):
