@@ -18,21 +18,24 @@ def corpus_text() -> str:
     return resources.files("evalsuite").joinpath("data/zh_corpus.txt").read_text(encoding="utf-8")
 
 
-def build_tokenizer(with_bos: bool = True):
-    """A byte-level BPE trained on the bundled corpus (a second or so, no network)."""
+def build_tokenizer(with_bos: bool = True, with_eos: bool = True, with_pad: bool = True):
+    """A byte-level BPE trained on the bundled corpus (a second or so, no network).
+
+    with_eos / with_pad False: a tokenizer without that special token (with with_bos False too,
+    one with neither BOS nor EOS, which lm-eval's HFLM cannot score without a chosen prefix token).
+    """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    special = ["<s>", "</s>", "<pad>"] if with_bos else ["</s>", "<pad>"]
+    named = {"bos_token": ("<s>", with_bos), "eos_token": ("</s>", with_eos), "pad_token": ("<pad>", with_pad)}
+    special = [t for t, keep in named.values() if keep]  # the defaults keep the ids of earlier versions
     trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=special,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator(corpus_text().splitlines(), trainer=trainer)
-    kwargs = {"eos_token": "</s>", "pad_token": "<pad>"}
-    if with_bos:
-        kwargs["bos_token"] = "<s>"
+    kwargs = {key: t for key, (t, keep) in named.items() if keep}
     return PreTrainedTokenizerFast(tokenizer_object=tok, **kwargs)
 
 
@@ -51,15 +54,16 @@ def _config(arch: str, vocab: int):
 
 def build_model(path: Path, arch: str = "llama", seed: int = 0, with_bos: bool = True,
                 dtype: torch.dtype = torch.float32, scale_lm_head: float | None = None,
-                vocab_size: int | None = None) -> Path:
+                vocab_size: int | None = None, with_eos: bool = True, with_pad: bool = True) -> Path:
     """Save a tiny random-init model + tokenizer to `path`; return `path`.
 
     scale_lm_head multiplies the LM head weights, e.g. to push FP16 logits past 65504.
     vocab_size: embedding rows beyond the tokenizer's (an odd one exercises the padded head).
+    with_bos / with_eos / with_pad: which special tokens the tokenizer has (build_tokenizer).
     """
     from transformers import AutoModelForCausalLM
 
-    tokenizer = build_tokenizer(with_bos)
+    tokenizer = build_tokenizer(with_bos, with_eos, with_pad)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(_config(arch, max(len(tokenizer), vocab_size or 0)))
     with torch.no_grad():  # a larger init than the default 0.02 gives non-trivial distributions

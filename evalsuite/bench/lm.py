@@ -48,11 +48,12 @@ class _Captured(Exception):
     pass
 
 
-def make_lm(model, tokenizer, batch_size: int = 1):
-    """HFLM around the resident model; `loglikelihoods` sets the batch size of each call itself."""
+def make_lm(model, tokenizer, batch_size: int = 1, prefix: int | None = None):
+    """HFLM around the resident model (`loglikelihoods` sets each call's batch size); `prefix`: the
+    token id before an empty context (evalsuite/bench/prefix.py), None for lm-eval's own rule."""
     from lm_eval.models.huggingface import HFLM
 
-    return HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+    return HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, prefix_token_id=prefix)
 
 
 def tokenize(lm, instances) -> list:

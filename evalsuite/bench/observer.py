@@ -6,7 +6,10 @@ names, loads the datasets and builds every request, few-shot contexts included. 
 observer's `pass_finished` with each dtype's model resident; the observer hands that model to
 lm-eval's `HFLM` (no second load, no cast, no move) and asks for the log-likelihood of every
 choice (evalsuite/bench/lm.py). The requests are tokenized once, by HFLM's own code on the first
-dtype, and reused. `finish` turns the per-question answers into metrics (evalsuite/bench/results.py).
+dtype, and reused. `finish` turns the per-question answers into metrics (evalsuite/bench/results.py)
+and writes nothing: the per-question records come back in `files` for the caller to write, and
+every failure in `failures` (one line each; `failure_traceback` keeps the caught tracebacks for
+--debug), so that the run can exit non-zero.
 
 lm-eval is imported only here and only when tasks are asked for, so a run with `--tasks none`
 never needs it.
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import time
+import traceback
 from dataclasses import replace
 
 import numpy as np
@@ -42,9 +46,14 @@ class BenchmarkObserver:
         self.scored: dict[str, np.ndarray] = {}  # (Q,) bool per dtype: questions answered (own or merged)
         self.runs: dict[str, dict[int, dict]] = {}  # dtype -> rank -> {seconds, batch_size, batch_size_start, n}
         self.roles: dict[str, str] = {}
-        self.failed: dict[str, str] = {}
+        self.failed: dict[str, str] = {}  # dtype -> one line
+        self.tracebacks: dict[str, str] = {}  # dtype -> the caught exception's traceback (for --debug)
+        self.failures: list[str] = []  # set by finish: one line per failed part, empty when all went well
+        self.files: dict[str, str] = {}  # set by finish: file name in --out -> its UTF-8 text
+        self.prefix: dict | None = None  # bench_prefix.Prefix.to_dict() of the token before an empty context
         self._tokenizer = None  # a private copy: HFLM may set a pad token on the one it gets
         self._schedule = None  # bench_lm.Schedule: this rank's requests tokenized, grouped, sorted (first dtype)
+        self._prefix_id: int | None = None  # chosen with the private tokenizer, before HFLM adds a pad token
         self.signature = plan_signature(plan)
 
     def _instances(self) -> list:
@@ -68,17 +77,21 @@ class BenchmarkObserver:
                    if run["batch_size"] != run["batch_size_start"] else "")
                 + f", {len(self.mine) / max(run['seconds'], 1e-9):.1f} questions/s")
         except Exception as exc:  # benchmarks are a part of the run: the perplexity results go on
-            self.failed[name] = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+            self.failed[name] = _one_line(exc)
+            self.tracebacks[name] = traceback.format_exc()
             say(f"{name} benchmarks failed: {self.failed[name]}")
 
     def _score(self, ctx) -> tuple[Answers, dict]:
         """This rank's answers with the resident model, and how they were computed. The clock
         starts after the one-time tokenizing, so every dtype's questions/s counts the same work."""
         from evalsuite.bench import lm as bench_lm
+        from evalsuite.bench import prefix as bench_prefix
 
         if self._tokenizer is None:
-            self._tokenizer = copy.deepcopy(ctx.tokenizer)
-        lm = bench_lm.make_lm(ctx.model, self._tokenizer)
+            tokenizer = copy.deepcopy(ctx.tokenizer)
+            prefix = bench_prefix.prefix_token(tokenizer, bench_prefix.embedding_rows(ctx.model))
+            self._tokenizer, self._prefix_id, self.prefix = tokenizer, prefix.id, prefix.to_dict()
+        lm = bench_lm.make_lm(ctx.model, self._tokenizer, prefix=self._prefix_id)
         try:
             if self._schedule is None:
                 self._schedule = bench_lm.schedule(lm, bench_lm.tokenize(lm, self._instances()))
@@ -118,7 +131,7 @@ class BenchmarkObserver:
         return {"signature": self.signature, "correct": a.correct[self.mine].astype(int).tolist(),
                 "choice_ll": a.choice_ll[self.mine].tolist(),  # json keeps -Infinity and NaN
                 "seconds": run["seconds"], "batch_size": run["batch_size"],
-                "batch_size_start": run["batch_size_start"], **shard}
+                "batch_size_start": run["batch_size_start"], "prefix": self.prefix, **shard}
 
     def restore(self, ctx, snap) -> None:
         """A saved pass's answers (a resumed run), or another rank's share (data-parallel rank 0):
@@ -145,6 +158,8 @@ class BenchmarkObserver:
         if "questions" not in snap:  # a whole run's answers: they replace whatever was there
             for held in (self.answers, self.scored, self.runs):
                 held.pop(name, None)
+        if self.prefix is None and isinstance(snap.get("prefix"), dict):
+            self.prefix = snap["prefix"]
         run = {"seconds": float(snap.get("seconds", 0.0)), "batch_size": snap.get("batch_size"),
                "batch_size_start": snap.get("batch_size_start", snap.get("batch_size")), "n": len(idx)}
         self._merge(name, ctx.role, idx, correct, choice_ll, rank, run)
@@ -190,8 +205,34 @@ class BenchmarkObserver:
         return out
 
     def finish(self, metrics_by_dtype: dict) -> tuple[dict, dict]:
+        """(metric additions by dtype, {"benchmarks": section}); sets `files` (benchmarks.jsonl's
+        text, for the caller to write into --out) and `failures` (one line per failed dtype, or for
+        scoring that failed as a whole; the section then has status "failed" and `error`)."""
         from evalsuite.bench.results import build
 
         answers, failed = self._complete()
         roles = {n: r for n, r in self.roles.items() if n in answers}
-        return build(self.plan, answers, roles, failed, self.cfg, timing={n: self.timing(n) for n in answers})
+        try:
+            metrics, sections, self.files = build(self.plan, answers, roles, failed, prefix=self.prefix,
+                                                  timing={n: self.timing(n) for n in answers})
+        except Exception as exc:  # a bug here must not cost the perplexity results, nor pass silently
+            self.tracebacks["(all)"] = traceback.format_exc()
+            error = f"scoring the answers failed: {_one_line(exc)}"
+            metrics, sections, self.files = {}, {"benchmarks": {"status": "failed", "error": error,
+                                                               "tasks": list(self.plan.tasks), "failed": failed}}, {}
+            failed = {**failed, "(all)": error}
+        self.failures = [f"benchmarks {name}: {why}" if name != "(all)" else f"benchmarks: {why}"
+                         for name, why in failed.items()]
+        return metrics, sections
+
+    @property
+    def failure_traceback(self) -> str | None:
+        """Every traceback caught in this process, for --debug (failures restored from a saved pass
+        or another rank have none)."""
+        return "\n".join(f"benchmarks {name}:\n{tb}" for name, tb in self.tracebacks.items()) or None
+
+
+def _one_line(exc: BaseException) -> str:
+    """`Type: first line of the message` (or the type alone)."""
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__

@@ -14,8 +14,19 @@ from fractions import Fraction
 
 import numpy as np
 
-BOOTSTRAP_SAMPLES = 2000
-BOOTSTRAP_CHUNK = 200  # resamples drawn at a time: (200, n) indices, bounded memory for large n
+BOOTSTRAP_CHUNK = 200  # Monte-Carlo resamples drawn at a time: (200, n) indices, bounded memory for large n
+
+
+def answerable(ll: np.ndarray, n_choices) -> np.ndarray:
+    """(n,) bool: every real choice of the question has a finite log-likelihood.
+
+    ll (n, C) with -inf padding beyond each question's n_choices (n,). A NaN or ±inf at a real
+    choice (a dtype whose logits overflowed) leaves no answer: np.argmax of such a row is the
+    first choice, which lm-eval then grades as if the model had picked it.
+    """
+    x = np.asarray(ll, np.float64)
+    real = np.arange(x.shape[1])[None, :] < np.asarray(n_choices)[:, None]  # (n, C)
+    return (np.isfinite(x) | ~real).all(axis=1)
 
 
 def accuracy(correct: np.ndarray) -> tuple[float, float]:
@@ -53,24 +64,48 @@ def mcnemar_exact_p(b: int, c: int) -> float:
     return float(min(Fraction(1), Fraction(2 * tail, 2**n)))
 
 
-def paired_bootstrap_ci(ref_correct: np.ndarray, test_correct: np.ndarray, seed: int,
-                        samples: int = BOOTSTRAP_SAMPLES, level: float = 0.95) -> tuple[float, float]:
+def difference_pmf(n: int, b: int, c: int) -> np.ndarray:
+    """(2n + 1,) P(D = k) at index k + n, D = the sum of one bootstrap resample of the n paired
+    differences, b of them -1 (correct→wrong), c of them +1 (wrong→correct), the rest 0.
+
+    Each of the n draws is -1, 0 or +1 with probabilities b/n, (n-b-c)/n, c/n, so D's distribution
+    is that one-draw distribution convolved n times: its discrete Fourier transform raised to the
+    n-th power (length 2n + 1 holds every value of D, so nothing wraps around).
+    """
+    kernel = np.zeros(2 * n + 1)  # index k mod (2n + 1) holds P(one draw = k)
+    kernel[0], kernel[1], kernel[-1] = (n - b - c) / n, c / n, b / n
+    pmf = np.fft.ifft(np.fft.fft(kernel) ** n).real  # index k mod (2n + 1)
+    return np.clip(np.roll(pmf, n), 0.0, None)  # index k + n; rounding can leave -1e-17
+
+
+def paired_bootstrap_ci(ref_correct: np.ndarray, test_correct: np.ndarray, seed: int | None = None,
+                        samples: int | None = None, level: float = 0.95) -> tuple[float, float]:
     """Percentile confidence interval of Δaccuracy (test - reference), resampling questions in pairs.
 
     Resampling whole questions keeps each question's two answers together, which is what makes
-    the interval paired. The same seed gives the same interval (numpy's default_rng).
+    the interval paired. By default the interval is exact: the percentiles of the bootstrap
+    distribution itself (`difference_pmf`), i.e. what a sampled bootstrap approaches as its
+    resamples grow, with no Monte-Carlo error and no seed. (With 2,000 sampled resamples an
+    endpoint on a 49-question subject moved by a question with the seed.) An endpoint is the
+    smallest Δ whose bootstrap CDF reaches (1 - level)/2, resp. (1 + level)/2.
+    `samples`: a sampled bootstrap of that many resamples instead (numpy's default_rng(seed)), as
+    other tools compute it.
     """
     d = np.asarray(test_correct, np.float64) - np.asarray(ref_correct, np.float64)  # (n,) in {-1, 0, 1}
     n = len(d)
     if n == 0:
         return math.nan, math.nan
+    tail = (1 - level) / 2
+    if samples is None:
+        cdf = np.cumsum(difference_pmf(n, int((d < 0).sum()), int((d > 0).sum())))  # (2n + 1,) at D = -n..n
+        lo, hi = (int(np.argmax(cdf >= q - 1e-12)) - n for q in (tail, 1 - tail))  # D of the first CDF >= q
+        return lo / n, hi / n
     rng = np.random.default_rng(seed)
     means = np.empty(samples)
     for start in range(0, samples, BOOTSTRAP_CHUNK):
         m = min(BOOTSTRAP_CHUNK, samples - start)
         means[start : start + m] = d[rng.integers(0, n, size=(m, n))].mean(axis=1)  # (m, n) -> (m,)
-    tail = (1 - level) / 2 * 100
-    lo, hi = np.percentile(means, [tail, 100 - tail])
+    lo, hi = np.percentile(means, [tail * 100, 100 - tail * 100])
     return float(lo), float(hi)
 
 
@@ -126,8 +161,10 @@ class Paired:
         return self.correct_to_wrong + self.wrong_to_correct
 
 
-def paired(ref_correct, test_correct, ref_ll, test_ll, seed: int, samples: int = BOOTSTRAP_SAMPLES) -> Paired:
-    """Every paired statistic of one (test, reference) comparison; inputs (n,) and (n, C)."""
+def paired(ref_correct, test_correct, ref_ll, test_ll, seed: int | None = None, samples: int | None = None) -> Paired:
+    """Every paired statistic of one (test, reference) comparison; inputs (n,) and (n, C), the
+    questions both dtypes answered (`answerable`). With none, every statistic is NaN (the flip
+    counts 0): nothing was compared, so no gate may pass on it."""
     n = len(ref_correct)
     b, c = flips(ref_correct, test_correct)
     kl, agree = choice_divergence(ref_ll, test_ll)
@@ -139,7 +176,7 @@ def paired(ref_correct, test_correct, ref_ll, test_ll, seed: int, samples: int =
         correct_to_wrong=b,
         wrong_to_correct=c,
         flip_rate=(b + c) / n if n else math.nan,
-        mcnemar_p=mcnemar_exact_p(b, c),
+        mcnemar_p=mcnemar_exact_p(b, c) if n else math.nan,
         choice_kl=float(finite.mean()) if len(finite) else math.nan,
         choice_agreement=float(agree.mean()) if n else math.nan,
     )

@@ -54,7 +54,7 @@ def _sharded_run(path, cfg, plan, world: int, *, merge_from=None) -> list[Benchm
 def _finish(obs: BenchmarkObserver) -> tuple[dict, dict, list[dict]]:
     obs.cfg.out_dir.mkdir(parents=True, exist_ok=True)
     metrics, sections = obs.finish({})
-    return metrics, sections["benchmarks"], _records(obs.cfg.out_dir)
+    return metrics, sections["benchmarks"], _records(obs.files)
 
 
 def _without_speed(metrics: dict) -> dict:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from fractions import Fraction
 
 import numpy as np
 import pytest
@@ -113,3 +114,112 @@ def test_paired_summary():
     assert p.flip_rate == 0.5 and p.delta_acc == pytest.approx(-1 / 6)
     assert p.mcnemar_p == pytest.approx(_binom_two_sided(1, 3))
     assert p.choice_kl == 0.0 and p.choice_agreement == 1.0
+
+
+def _pmf_by_mixture(n: int, b: int, c: int) -> dict[int, Fraction]:
+    """P(D = k) of one resample's sum, exactly, by another route than the code's Fourier powers: the
+    number m of nonzero draws is Binomial(n, (b+c)/n) and, given m, the +1 draws Binomial(m, c/(b+c))."""
+    q, out = Fraction(b + c, n), {}
+    for m in range(n + 1):
+        pm = math.comb(n, m) * q**m * (1 - q) ** (n - m)
+        if b + c == 0:
+            out[0] = out.get(0, 0) + pm
+            continue
+        r = Fraction(c, b + c)
+        for j in range(m + 1):
+            out[2 * j - m] = out.get(2 * j - m, 0) + pm * math.comb(m, j) * r**j * (1 - r) ** (m - j)
+    return out
+
+
+def _quantiles(pmf: dict, n: int, level: float = 0.95) -> tuple[float, float]:
+    """The smallest D/n whose CDF reaches each tail: a sampled bootstrap's percentiles in the limit."""
+    ends, cdf = [], 0
+    tails = iter(((1 - level) / 2, (1 + level) / 2))
+    tail = next(tails)
+    for k in sorted(pmf):
+        cdf += pmf[k]
+        while tail is not None and cdf >= Fraction(tail):
+            ends.append(k / n)
+            tail = next(tails, None)
+    return ends[0], ends[1]
+
+
+def _pairs(n: int, b: int, c: int) -> tuple[np.ndarray, np.ndarray]:
+    """Reference/test correctness of n questions with b correct→wrong and c wrong→correct, shuffled."""
+    ref = np.zeros(n, bool)
+    test = np.zeros(n, bool)
+    ref[:b] = True
+    test[b : b + c] = True
+    ref[b + c : b + c + (n - b - c) // 2] = test[b + c : b + c + (n - b - c) // 2] = True  # concordant right
+    perm = np.random.default_rng(n * 1000 + b * 10 + c).permutation(n)
+    return ref[perm], test[perm]
+
+
+@pytest.mark.parametrize("n,b,c", [(1, 0, 1), (5, 1, 2), (12, 0, 3), (49, 3, 5), (49, 7, 2), (120, 1, 0),
+                                   (200, 17, 29)])
+def test_bootstrap_distribution_matches_the_binomial_mixture(n, b, c):
+    pmf = bench_stats.difference_pmf(n, b, c)
+    exact = _pmf_by_mixture(n, b, c)
+    np.testing.assert_allclose(pmf, [float(exact.get(k, 0)) for k in range(-n, n + 1)], rtol=0, atol=1e-13)
+    ref, test = _pairs(n, b, c)
+    assert bench_stats.paired_bootstrap_ci(ref, test) == _quantiles(exact, n)
+
+
+@pytest.mark.parametrize("d", [(1, 0, 0, -1), (1, 1, 0, -1, 0), (-1, -1, 0, 1, 0, 0), (1, 0, 0, 0, 0, 0),
+                               (1, -1, 1, 0, 1, 1)])
+def test_exact_interval_by_enumerating_every_resample(d):
+    """All n^n resamples of n <= 6 questions, counted: the bootstrap distribution itself."""
+    import itertools
+
+    n = len(d)
+    counts: dict[int, int] = {}
+    for pick in itertools.product(d, repeat=n):
+        counts[sum(pick)] = counts.get(sum(pick), 0) + 1
+    expect = _quantiles({k: Fraction(v, n**n) for k, v in counts.items()}, n)
+    dd = np.array(d)
+    ref = dd == -1  # -1: correct→wrong; +1: wrong→correct; 0: both wrong
+    assert bench_stats.paired_bootstrap_ci(ref, ref ^ (dd != 0)) == expect
+
+
+def test_exact_interval_is_the_limit_of_a_sampled_bootstrap_and_ignores_the_seed():
+    """A 49-question subject: 400,000 sampled resamples (a plain numpy loop) land on the exact
+    endpoints; 2,000 resamples, as before, move an endpoint with the seed; the exact one cannot."""
+    n, b, c = 49, 3, 6
+    ref, test = _pairs(n, b, c)
+    exact = _pmf_by_mixture(n, b, c)
+    ci = bench_stats.paired_bootstrap_ci(ref, test)
+    cdf = np.cumsum([float(exact.get(k, 0)) for k in range(-n, n + 1)])
+    for tail in (0.025, 0.975):  # no CDF value near a tail: the sampled percentile cannot straddle it
+        assert np.abs(cdf - tail).min() > 0.002
+    d = test.astype(float) - ref.astype(float)
+    rng = np.random.default_rng(11)
+    means = np.concatenate([d[rng.integers(0, n, size=(20_000, n))].mean(axis=1) for _ in range(20)])
+    assert ci == pytest.approx(tuple(np.percentile(means, [2.5, 97.5])), abs=1e-12)
+    sampled = {bench_stats.paired_bootstrap_ci(ref, test, seed=s, samples=2000) for s in range(30)}
+    assert len(sampled) > 1  # the issue: a sampled interval's endpoint moved by a question with the seed
+    assert {bench_stats.paired(ref, test, np.zeros((n, 4)), np.zeros((n, 4)), seed=s).delta_acc_ci
+            for s in range(30)} == {ci}
+
+
+def test_exact_interval_is_fast_on_a_large_task():
+    import time
+
+    ref, test = _pairs(100_000, 900, 1100)
+    t0 = time.perf_counter()
+    lo, hi = bench_stats.paired_bootstrap_ci(ref, test)
+    assert time.perf_counter() - t0 < 1.0
+    delta, se = 200 / 100_000, math.sqrt((900 + 1100) / 100_000 - (200 / 100_000) ** 2) / math.sqrt(100_000)
+    assert lo == pytest.approx(delta - 1.96 * se, abs=2e-5) and hi == pytest.approx(delta + 1.96 * se, abs=2e-5)
+
+
+def test_no_question_gives_nan_statistics():
+    p = bench_stats.paired(np.zeros(0, bool), np.zeros(0, bool), np.zeros((0, 4)), np.zeros((0, 4)))
+    assert p.flips == 0 and p.n == 0
+    assert all(math.isnan(x) for x in (p.delta_acc, *p.delta_acc_ci, p.flip_rate, p.mcnemar_p, p.choice_kl,
+                                       p.choice_agreement))
+
+
+def test_answerable_looks_only_at_real_choices():
+    ll = np.array([[-1.0, -2.0, -np.inf, -np.inf], [-1.0, np.nan, -2.0, -3.0], [-1.0, -2.0, -np.inf, -4.0],
+                   [np.inf, -1.0, -2.0, -3.0], [-1.0, -2.0, -3.0, np.nan]])
+    assert bench_stats.answerable(ll, [2, 4, 4, 4, 3]).tolist() == [True, False, False, False, True]

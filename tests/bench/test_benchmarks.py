@@ -122,8 +122,9 @@ def _run(path, cfg):
     return results, obs
 
 
-def _records(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "benchmarks.jsonl").read_text(encoding="utf-8").splitlines()]
+def _records(files: dict) -> list[dict]:
+    """The per-question records an observer's `finish` (or results.build) returns for benchmarks.jsonl."""
+    return [json.loads(line) for line in files["benchmarks.jsonl"].splitlines()]
 
 
 @pytest.mark.slow
@@ -135,7 +136,7 @@ def test_acc_and_logliks_equal_lm_evals_own_evaluation(tiny_llama, tmp_path):
     section = results.sections["benchmarks"]
     assert section["failed"] == {} and section["n_questions"] == 24
     ours = {(r["subject"] or r["task"], n): a["acc"] for r in section["rows"] for n, a in r["acc"].items()}
-    recs = {(r["subject"], r["doc_id"]): r for r in _records(tmp_path)}
+    recs = {(r["subject"], r["doc_id"]): r for r in _records(obs.files)}
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
@@ -237,7 +238,7 @@ def tiny_flat(tmp_path_factory) -> Path:
 def test_flips_from_records_match_metrics(tiny_flat, tmp_path):
     results, obs = _run(tiny_flat, _cfg(tmp_path, seed=5))
     section = results.sections["benchmarks"]
-    recs = _records(tmp_path)
+    recs = _records(obs.files)
     assert len(recs) == section["n_questions"] == 120
     for name in ("fp16", "bf16"):
         ref = np.array([r["answers"]["fp32"]["correct"] for r in recs])
@@ -263,8 +264,9 @@ def test_flips_from_records_match_metrics(tiny_flat, tmp_path):
     assert sum(section["n_flipped"].values()) > 0  # the model is built to flip: the check above is not vacuous
     from evalsuite.bench.results import build
 
-    _, again = build(obs.plan, obs.answers, obs.roles, obs.failed, _cfg(tmp_path / "again", seed=5))
-    assert again["benchmarks"]["rows"] == section["rows"]  # seeded bootstrap: the same intervals again
+    _, again, files = build(obs.plan, obs.answers, obs.roles, obs.failed)
+    assert again["benchmarks"]["rows"] == section["rows"]  # exact bootstrap: the same intervals again
+    assert files == obs.files and not (tmp_path / "benchmarks.jsonl").exists()  # returned, not written
     html = render_report(results.to_dict())
     assert 'id="benchmarks"' in html and "Flipped questions: bf16" in html and "correct→wrong" in html
 
@@ -308,7 +310,9 @@ def test_offline_ceval_layout(tmp_path, monkeypatch):
 
 
 def test_records_of_a_broken_dtype_and_uneven_choices(tmp_path):
-    """NaN log-likelihoods (a broken dtype) and questions with fewer choices keep records aligned."""
+    """NaN log-likelihoods (a broken dtype) and questions with fewer choices keep records aligned; a
+    dtype with no finite question has no answers: NaN statistics, no flips (tests/bench/test_bench_nonfinite.py
+    checks partly broken dtypes against numpy)."""
     from types import SimpleNamespace
 
     from evalsuite.bench.grade import Answers
@@ -317,15 +321,24 @@ def test_records_of_a_broken_dtype_and_uneven_choices(tmp_path):
 
     qs = tuple(Question("t", "t", i, f"q{i}", ch, 0, 0, 0) for i, ch in enumerate([("A", "B"), ("A", "B", "C")]))
     plan = SimpleNamespace(tasks=("t",), questions=qs, settings={})
-    ref = Answers(np.array([True, False]), np.array([[-1.0, -2.0, -np.inf], [-3.0, -1.0, -np.inf]]), 1.0)
+    ref = Answers(np.array([True, False]), np.array([[-1.0, -2.0, -np.inf], [-3.0, -1.0, -0.5]]), 1.0)
     nan = Answers(np.array([True, True]), np.full((2, 3), np.nan), 1.0)
-    metrics, sections = build(plan, {"fp32": ref, "fp16": nan}, {"fp32": "reference", "fp16": "test"}, {},
-                              _cfg(tmp_path))
-    recs = _records(tmp_path)
+    metrics, sections, files = build(plan, {"fp32": ref, "fp16": nan}, {"fp32": "reference", "fp16": "test"}, {})
+    recs = _records(files)
     assert [len(r["answers"]["fp32"]["loglik"]) for r in recs] == [2, 3]
-    assert recs[1]["answers"]["fp32"]["loglik"][2] is None and recs[0]["answers"]["fp16"]["loglik"] == [None, None]
+    assert recs[0]["answers"]["fp32"]["loglik"] == [-1.0, -2.0] and recs[0]["answers"]["fp16"]["loglik"] == [None, None]
+    assert [r["answers"]["fp32"]["choice"] for r in recs] == [0, 2]
+    assert all(r["answers"]["fp16"] == {"choice": None, "correct": None, "nonfinite": True,
+                                        "loglik": [None] * len(r["choices"])} for r in recs)
     m = metrics["fp16"]
-    assert np.isnan(m["choice_kl/t"]) and m["choice_agreement/t"] == 0.0 and m["flips/t"] == 0.5
+    assert m["bench_nonfinite/t"] == 2 and metrics["fp32"]["bench_nonfinite/t"] == 0
+    for key in ("acc/t", "acc_se/t", "delta_acc/t", "delta_acc_ci_low/t", "delta_acc_ci_high/t", "flips/t",
+                "mcnemar_p/t", "choice_kl/t", "choice_agreement/t"):
+        assert np.isnan(m[key]), key  # nothing was answered: no gate can pass on these
+    section = sections["benchmarks"]
+    assert section["n_flipped"] == {"fp16": 0} and section["flipped"] == {"fp16": []}
+    v = section["rows"][0]["vs_reference"]["fp16"]
+    assert (v["n"], v["excluded"], v["flips"]) == (0, 2, 0) and section["status"] == "ok"
     json.dumps(sections, allow_nan=True)  # serializable; results.to_dict turns NaN into null
 
 
