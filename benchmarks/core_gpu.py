@@ -98,7 +98,7 @@ def main() -> None:
         t0 = time.perf_counter()
         argv = ["run", "--model", str(path), "--corpus", str(args.text), "--seq-len", "2048",
                 "--max-tokens", str(max_tokens), "--out", str(out), "--no-progress"]
-        results, _ = run(config_from_args(build_parser().parse_args(argv)), str(path))  # what `evalsuite run` does
+        results = run(config_from_args(build_parser().parse_args(argv)), str(path)).results  # what `evalsuite run` does
         wall = time.perf_counter() - t0
         write_results(out / "results.json", results)
         code = 0

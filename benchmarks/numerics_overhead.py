@@ -72,7 +72,7 @@ def one_run(path: Path, text: Path, args, numerics: bool) -> dict:
     observers = (TimedObserver(NumericsObserver(cfg, str(path))),) if numerics else ()
     _sync()
     t0 = time.perf_counter()
-    results, _ = run(cfg, str(path), observers=observers)
+    results = run(cfg, str(path), observers=observers).results
     wall = time.perf_counter() - t0
     out = {"numerics": numerics, "wall_s": wall,
            "pass_s": {n: d.timing.get("pass_s") for n, d in results.dtypes.items()},

@@ -1,19 +1,33 @@
 """Command line: strings become a frozen `RunConfig` here; errors become exit codes here only.
 
 Exit codes: 0 success; 1 a gate failed; 2 usage or configuration error; 3 run error
-(model cannot load, corpus unusable, ...); 130 interrupted.
+(model cannot load, corpus unusable, disk full, ...); 4 results written but a part of the run
+failed (a dtype, the benchmarks; --allow-partial makes it 0); 130 interrupted (SIGINT);
+143 terminated (SIGTERM). Finished passes are kept: rerun the same command to resume.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import os
+import signal
 import sys
 from datetime import datetime
+from functools import partial
 from pathlib import Path
 
 from evalsuite import __version__
-from evalsuite.errors import EXIT_OK, EXIT_USAGE, EvalsuiteError, UsageError
+from evalsuite.errors import (
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_PARTIAL,
+    EXIT_RUN_ERROR,
+    EXIT_TERMINATED,
+    EXIT_USAGE,
+    EvalsuiteError,
+    UsageError,
+)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -81,6 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="torch.compile the FP16/BF16 models' attention, MLP and norm modules: faster passes on "
                           "long runs, after a few seconds of compiling per dtype; not bit-identical to eager (README: Speed and memory)")
     run.add_argument("--no-progress", action="store_true", help="no progress bars")
+    run.add_argument("--allow-partial", action="store_true",
+                     help=f"exit 0 even if a part of the run failed (a dtype, the benchmarks); default: exit {EXIT_PARTIAL}")
     run.add_argument("--fresh", action="store_true",
                      help="discard an unfinished run in --out instead of resuming it")
     run.add_argument("--no-resume", action="store_true",
@@ -183,13 +199,8 @@ def _check_writable(out_dir: Path) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    import numpy as np
-
-    from evalsuite.log import say
     from evalsuite.model.demo import demo_checkpoint
     from evalsuite.passes.runner import run
-    from evalsuite.report.table import format_table
-    from evalsuite.store.results import atomic_write, compact, write_results
 
     cfg = config_from_args(args)
     gate_set = _load_gates(args, [p.name for p in (cfg.reference, *cfg.dtypes)])
@@ -198,7 +209,16 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     bench_plan = prepare(cfg) if cfg.tasks else None  # a bad --tasks fails here, before any model loads
     source = cfg.model or str(demo_checkpoint())
-    observers = ()
+    output = run(cfg, source, observers=_observers(cfg, source, bench_plan), resume=not args.no_resume,
+                 fresh=args.fresh, write_outputs=partial(_write_outputs, cfg.out_dir))
+    if output is None:  # a data-parallel rank other than 0: rank 0 writes and gates the results
+        return EXIT_OK
+    return _finish_run(args, cfg, gate_set, output)
+
+
+def _observers(cfg, source: str, bench_plan) -> tuple:
+    """The run's observers: numerics diagnostics and the multiple-choice benchmarks, as asked."""
+    observers: tuple = ()
     if cfg.numerics:
         from evalsuite.numerics.observer import NumericsObserver
 
@@ -210,24 +230,58 @@ def cmd_run(args: argparse.Namespace) -> int:
         dist = distributed.from_env()  # under torchrun each rank scores its share of the questions
         shard = {"rank": dist.rank, "world": dist.world} if dist else {}
         observers = (*observers, BenchmarkObserver(bench_plan, cfg, **shard))
+    return observers
+
+
+OBSERVER_FILES = ("benchmarks.jsonl", "generations.jsonl")  # files observers may return, by name
+
+
+def _write_outputs(out_dir: Path, output) -> None:
+    """results.json, report.html, per_token.npz and the observers' files, each atomically; files of
+    another run that this one did not write are removed, so the directory holds one run."""
+    import numpy as np
+
     from evalsuite.report.render import render_report, write_report
+    from evalsuite.store.results import atomic_write, atomic_write_text, compact, write_results
 
-    def write_outputs(results, per_token) -> None:  # before the resume state is discarded
-        write_results(cfg.out_dir / "results.json", results)
-        write_report(cfg.out_dir / "report.html", render_report(results.to_dict()))
-        atomic_write(cfg.out_dir / "per_token.npz", lambda fh: np.savez(fh, **compact(per_token)))
+    write_results(out_dir / "results.json", output.results)
+    write_report(out_dir / "report.html", render_report(output.results.to_dict()))
+    atomic_write(out_dir / "per_token.npz", lambda fh: np.savez(fh, **compact(output.per_token)))
+    for name, text in output.files.items():
+        atomic_write_text(out_dir / name, text)
+    for name in OBSERVER_FILES:
+        if name not in output.files:
+            (out_dir / name).unlink(missing_ok=True)
 
-    results, per_token = run(cfg, source, observers=observers, resume=not args.no_resume, fresh=args.fresh,
-                             write_outputs=write_outputs)
-    if results is None:  # a data-parallel rank other than 0: rank 0 writes and gates the results
-        return EXIT_OK
+
+def _finish_run(args: argparse.Namespace, cfg, gate_set, output) -> int:
+    """The table, the failures, the gates; the exit code (docs: README "Exit codes")."""
+    from evalsuite.log import say
+    from evalsuite.report.table import format_table
+
+    results = output.results
     print(format_table(results.to_dict()))
-    say(f"results written to {cfg.out_dir / 'results.json'}")
-    if gate_set is None:
-        return EXIT_OK
+    for f in output.failures:
+        say(f"{f['part']} failed: {f['error']}")
+        if args.debug and f.get("traceback"):
+            print(f["traceback"], file=sys.stderr)
+    say(f"results written to {cfg.out_dir / 'results.json'}; report: {cfg.out_dir / 'report.html'}")
+    code = EXIT_OK
+    if gate_set is not None:
+        code = _gate_run(args, cfg, gate_set, results)
+    if code == EXIT_OK and output.failures and not args.allow_partial:
+        say(f"{len(output.failures)} part(s) of the run failed (above): exit {EXIT_PARTIAL}; "
+            "--allow-partial accepts a partial run")
+        return EXIT_PARTIAL
+    return code
+
+
+def _gate_run(args: argparse.Namespace, cfg, gate_set, results) -> int:
     from dataclasses import replace
 
     from evalsuite.gates import rules as gates
+    from evalsuite.report.render import render_report, write_report
+    from evalsuite.store.results import write_results
 
     outcomes = gates.evaluate(gate_set, results)
     gated = replace(results, sections={**results.sections, "gates": gates.section(gate_set, outcomes)})
@@ -284,23 +338,55 @@ def cmd_report(args: argparse.Namespace) -> int:
 COMMANDS = {"run": cmd_run, "gate": cmd_gate, "report": cmd_report}
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM (a batch scheduler, `kill`), handled like Ctrl-C: finished passes are already saved."""
+
+
+def _raise_terminated(signum, frame):
+    raise _Terminated
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
+    try:
+        previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    except ValueError:  # not the main thread (an embedding application): leave its handlers alone
+        previous = None
     try:
         args = build_parser().parse_args(argv)
         if args.command is None:
             build_parser().print_help()
             return EXIT_USAGE
         return COMMANDS[args.command](args)
-    except EvalsuiteError as exc:
+    except KeyboardInterrupt as exc:
+        which = "SIGTERM" if isinstance(exc, _Terminated) else "SIGINT"
+        print(f"evalsuite: interrupted ({which}); rerun the same command to resume", file=sys.stderr)
+        return EXIT_TERMINATED if isinstance(exc, _Terminated) else EXIT_INTERRUPTED
+    except Exception as exc:
         if debug:
             raise
-        print(f"evalsuite: error: {exc}", file=sys.stderr)
-        return exc.exit_code
-    except KeyboardInterrupt:
-        print("evalsuite: interrupted", file=sys.stderr)
-        return 130
+        print(f"evalsuite: error: {_one_line(exc)}", file=sys.stderr)
+        return exc.exit_code if isinstance(exc, EvalsuiteError) else EXIT_RUN_ERROR
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _one_line(exc: Exception) -> str:
+    """The message a user reads: ours as written; the system's and a bug's in one line naming the fix."""
+    if isinstance(exc, EvalsuiteError):
+        return str(exc)
+    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+        where = f" writing {exc.filename}" if exc.filename else ""
+        return f"no space left on the device{where}: free space (or pass another --out), then rerun the same " \
+               "command to resume"
+    if isinstance(exc, OSError):
+        where = f" ({exc.filename})" if exc.filename else ""
+        return f"{exc.strerror or type(exc).__name__}{where}; check the path and its permissions"
+    first = (str(exc).strip().splitlines() or [""])[0][:300]
+    return f"unexpected {type(exc).__name__}: {first} (a bug in evalsuite: rerun with --debug for the traceback " \
+           "and report it)"
 
 
 def console_main() -> None:

@@ -8,6 +8,9 @@ EXIT_OK = 0
 EXIT_GATE_FAILED = 1
 EXIT_USAGE = 2
 EXIT_RUN_ERROR = 3
+EXIT_PARTIAL = 4  # results were written, but a part of the run failed (a dtype, the benchmarks, ...)
+EXIT_INTERRUPTED = 130  # SIGINT
+EXIT_TERMINATED = 143  # SIGTERM
 
 
 class EvalsuiteError(Exception):

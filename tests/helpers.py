@@ -22,3 +22,11 @@ def one_line_error(capsys, rc: int, code: int) -> str:
     lines = [line for line in err.splitlines() if line.startswith("evalsuite: error:")]
     assert len(lines) == 1 and "Traceback" not in err, err
     return lines[0]
+
+
+def run_pair(*args, **kwargs):
+    """(results, per-token arrays) of `passes.runner.run`: what most tests look at."""
+    from evalsuite.passes.runner import run
+
+    out = run(*args, **kwargs)
+    return out.results, out.per_token

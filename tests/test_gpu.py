@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import run_pair
 
 from evalsuite.model.precision import DTYPES, exact_fp32, unsupported_reason
-from evalsuite.passes.runner import run
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
@@ -48,7 +48,7 @@ def test_cuda_run_matches_all_in_memory_float64(tiny_llama, tmp_path):
     from test_runner import _all_in_memory, _config
 
     cfg = _config(tmp_path, device="cuda", dtypes=(DTYPES["fp16"],), batch_size=1)
-    results, per_token = run(cfg, str(tiny_llama))
+    results, per_token = run_pair(cfg, str(tiny_llama))
     expect = _all_in_memory(tiny_llama, cfg, torch.float16, device="cuda")
     m = results.dtypes["fp16"].metrics
     assert abs(m["kl_mean"] - expect["kl"].mean()) <= 1e-6

@@ -27,6 +27,9 @@ PATHS = {"tasks_dir"}  # where each tree's files are: different by construction
 CHANGED_ON_PURPOSE: dict[str, str] = {
     "delta_ppl_se": "issue 19: the delta method with the covariance, as llama.cpp "
                     "(tests/metrics/test_stats.py::test_delta_ppl_se_is_the_delta_method_with_covariance)",
+    **dict.fromkeys(("delta_acc_ci_low", "delta_acc_ci_high", "delta_acc_ci", "bootstrap"),
+                    "issue 19: the exact paired-bootstrap interval instead of 2,000 seeded resamples "
+                    "(tests/bench/test_bench_stats.py)"),
 }
 ARGS = ["--device", "cpu", "--seq-len", "64", "--max-tokens", "320", "--no-progress", "--no-reference-cache",
         "--tasks", "zh_mc", "--limit", "6", "--batch-size", "2"]
@@ -69,7 +72,7 @@ def _covered(old, new, where: str) -> int:
         assert isinstance(new, dict), where
         count = 0
         for k, v in old.items():
-            if k in TIMINGS or k in CHANGED_ON_PURPOSE or k in PATHS or k.endswith("_s"):
+            if k in TIMINGS or k.split("/")[0] in CHANGED_ON_PURPOSE or k in PATHS or k.endswith("_s"):
                 continue
             assert k in new, f"{where}.{k} is gone"
             count += _covered(v, new[k], f"{where}.{k}")
@@ -106,7 +109,9 @@ def test_tiny_models_bit_identical_to_pre_refactor(model, old_tree, request, tmp
 
 @pytest.mark.slow
 def test_gemma_bit_identical_to_pre_refactor(old_tree, demo_model, tmp_path):
-    extra = ["--seq-len", "128", "--max-tokens", "256"]
+    # benchmarks off: FP16's answers have no finite log-likelihood, which issue 19 reports as no answer
+    # (tests/bench/test_bench_nonfinite.py); the tiny models check the benchmark figures
+    extra = ["--seq-len", "128", "--max-tokens", "256", "--tasks", "none"]
     old = _run(old_tree, demo_model, tmp_path / "old", extra)
     new = _run(ROOT, demo_model, tmp_path / "new", extra)
     assert new["dtypes"]["fp16"]["status"] == "broken"  # the finding itself is part of what must not change

@@ -8,10 +8,10 @@ from __future__ import annotations
 import math
 
 import pytest
+from helpers import run_pair
 
 from evalsuite.config import RunConfig
 from evalsuite.model.precision import DTYPES
-from evalsuite.passes.runner import run
 from evalsuite.store.corpus import CorpusSpec
 
 pytestmark = pytest.mark.slow
@@ -22,7 +22,7 @@ def test_gemma_fp16_broken_bf16_fine(demo_model, shared_dir, tmp_path):
     cfg = RunConfig(model=str(demo_model), dtypes=(DTYPES["fp16"], DTYPES["bf16"]), reference=DTYPES["fp32"],
                     device="cpu", corpus=CorpusSpec(str(text)), seq_len=256, max_tokens=256, out_dir=tmp_path,
                     progress=False)
-    results, _ = run(cfg, str(demo_model))
+    results, _ = run_pair(cfg, str(demo_model))
     ref, fp16, bf16 = (results.dtypes[k] for k in ("fp32", "fp16", "bf16"))
     assert ref.status == "ok" and 5 < ref.metrics["ppl"] < 500  # a real model on real Chinese text
     assert fp16.status == "broken" and fp16.metrics["nonfinite_logits"] > 0

@@ -37,6 +37,8 @@ class BenchmarkObserver:
     rank's snapshots, which merge into its answers, so that `finish` sees every question.
     """
 
+    part = "benchmarks"  # how a failure of this observer is named (passes/observers.py)
+
     def __init__(self, plan: Plan, cfg, *, rank: int = 0, world: int = 1):
         if not (isinstance(world, int) and isinstance(rank, int) and world >= 1 and 0 <= rank < world):
             raise UsageError(f"benchmark shard rank {rank!r} of world {world!r}: need 0 <= rank < world")

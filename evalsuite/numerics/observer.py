@@ -47,6 +47,8 @@ CHART_KINDS = {"layer": "residual", "attention": "attention", "mlp": "mlp"}  # l
 class NumericsObserver:
     """Collects the diagnostics during a run; `finish` turns them into metrics and a section."""
 
+    part = "numerics"  # how a failure of this observer is named (passes/observers.py)
+
     def __init__(self, cfg, source: str | None = None):
         self.cfg, self.source = cfg, source
         self.reference: Precision = cfg.reference

@@ -26,6 +26,7 @@ from evalsuite.model.loading import check_model_source, hidden_size, load_tokeni
 from evalsuite.model.precision import Precision, unsupported_reason
 from evalsuite.passes import distributed
 from evalsuite.passes.loop import Loop, Plan, Stores
+from evalsuite.passes.observers import Observer
 from evalsuite.passes.scoring import PassContext, TokenArrays, restore_observers
 from evalsuite.store import corpus as corpus_mod
 from evalsuite.store.logits import BackgroundWriter
@@ -63,15 +64,15 @@ class Setup:
     dist: distributed.Dist | None
 
 
-def run(cfg: RunConfig, source: str, observers: tuple = (), resume: bool = False, fresh: bool = False,
-        write_outputs=None):
-    """Evaluate `source` per `cfg`; return (`RunResults`, per-token arrays by name).
+def run(cfg: RunConfig, source: str, observers: tuple[Observer, ...] = (), resume: bool = False,
+        fresh: bool = False, write_outputs=None) -> RunOutput | None:
+    """Evaluate `source` per `cfg`; return a `RunOutput` (results, per-token arrays, files, failures).
 
     With `resume`, finished passes are kept in `<cfg.out_dir>/.state` and reused by a rerun
-    (`fresh` discards them first); `write_outputs(results, per_token)` is then called before the
-    state is removed, so a kill at any moment leaves either the state or the results.
-    Under torchrun (WORLD_SIZE > 1) every rank calls this; rank 0 returns the results of the
-    whole corpus, the other ranks return (None, None). `observers` follow passes/observers.py.
+    (`fresh` discards them first); `write_outputs(output)` is then called before the state is
+    removed, so a kill at any moment leaves either the state or the results.
+    Under torchrun (WORLD_SIZE > 1) every rank calls this; rank 0 returns the output of the
+    whole corpus, the other ranks return None. `observers` follow passes/observers.py.
     """
     t_start = time.perf_counter()
     timing: dict[str, float] = {}
@@ -84,16 +85,16 @@ def run(cfg: RunConfig, source: str, observers: tuple = (), resume: bool = False
         error = run_passes(loop, dist is not None, timing)
         cache_info = cache_status(loop, cache_info)
         if dist is not None and not gather(s, loop, error):
-            return None, None
+            return None
         if loop.resumed:  # (a reference read from the cache is reported as a cache hit above)
             say(f"resumed: reused the saved {', '.join(sorted(loop.resumed))} passes")
         timing["total_s"] = round(time.perf_counter() - t_start, 3)
-        results, per_token = summarize(s, loop, observers, cache_info, timing)
+        output = summarize(s, loop, observers, cache_info, timing)
         if write_outputs is not None:
-            write_outputs(results, per_token)
+            write_outputs(output)
         if not loop.failed:  # a failed dtype keeps the state, so a rerun retries only that dtype
             stores.state.finish(everything=dist is not None)  # rank 0 removes every rank's state
-        return results, per_token
+        return output
 
 
 def setup(cfg: RunConfig, source: str, dist, timing: dict) -> Setup:
@@ -242,13 +243,15 @@ def gather(s: Setup, loop: Loop, error) -> bool:
     return True
 
 
-def summarize(s: Setup, loop: Loop, observers, cache_info: dict, timing: dict):
-    """(RunResults, per-token arrays): the metrics, then each observer's additions."""
+def summarize(s: Setup, loop: Loop, observers, cache_info: dict, timing: dict) -> RunOutput:
+    """The metrics, then each observer's additions, files and failures."""
     prov = loop.prov
     prov.batch_size, prov.device, prov.device_map = loop.batch, str(s.device), s.cfg.device_map
     prov.divergence_path = "fused-triton-float64" if kernels.available(s.device) else "torch-float64"
     prov.resumed_passes, prov.reference_cache, prov.run_timing = sorted(loop.resumed), cache_info, timing
     results = build_results(s, loop, stored_dtype(s.source))
+    files: dict[str, str] = {}
+    failures = [{"part": f"dtype {name}", "error": msg} for name, msg in loop.failed.items()]
     for obs in observers:
         finish = getattr(obs, "finish", None)
         if finish is not None:
@@ -257,12 +260,33 @@ def summarize(s: Setup, loop: Loop, observers, cache_info: dict, timing: dict):
                 if name in results.dtypes:
                     results.dtypes[name].metrics.update(extra)
             results.sections.update(sections)
+        files.update(getattr(obs, "files", None) or {})
+        failures += [{"part": observer_part(obs), "error": e, "traceback": getattr(obs, "failure_traceback", None)}
+                     for e in getattr(obs, "failures", None) or []]
+    if failures:
+        results.sections["failures"] = [{k: v for k, v in f.items() if k != "traceback"} for f in failures]
     ref = s.cfg.reference.name
     per_token = {"targets": s.windows.targets, "target_bytes": s.windows.target_bytes,
                  f"{ref}/nll": loop.ref.nll, f"{ref}/argmax": loop.ref.argmax}
     for name, a in loop.arrays.items():
         per_token.update({f"{name}/{k}": getattr(a, k) for k in PER_TOKEN_FILE})
-    return results, per_token
+    return RunOutput(results, per_token, files, tuple(failures))
+
+
+@dataclass(frozen=True)
+class RunOutput:
+    """What a run hands its caller to write: results, per-token arrays, the observers' files, and the
+    parts that failed (each {"part", "error", "traceback"}), which make the run's exit non-zero."""
+
+    results: object  # store.results.RunResults
+    per_token: dict
+    files: dict[str, str]  # file name in --out -> UTF-8 text (e.g. benchmarks.jsonl)
+    failures: tuple[dict, ...]
+
+
+def observer_part(obs) -> str:
+    """The part of a run an observer measures, as failures name it ("benchmarks", "numerics")."""
+    return getattr(obs, "part", None) or type(obs).__name__.removesuffix("Observer").lower() or "observer"
 
 
 def _payload(loop: Loop) -> dict:

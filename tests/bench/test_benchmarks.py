@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from helpers import one_line_error, run_config
+from helpers import one_line_error, run_config, run_pair
 from tiny import build_model
 
 from evalsuite.bench import stats as bench_stats
@@ -118,7 +118,7 @@ def _cfg(tmp_path, **kw) -> RunConfig:
 
 def _run(path, cfg):
     obs = BenchmarkObserver(prepare(cfg), cfg)
-    results, _ = run(cfg, str(path), observers=(obs,))
+    results, _ = run_pair(cfg, str(path), observers=(obs,))
     return results, obs
 
 
@@ -211,8 +211,8 @@ def test_resume_reuses_the_saved_answers(tiny_llama, tmp_path):
     cfg = _cfg(tmp_path, limit=2)
     sections = []
 
-    def stop(results, per_token):  # as if killed after the passes: the resume state stays
-        sections.append(results.sections["benchmarks"])
+    def stop(output):  # as if killed after the passes: the resume state stays
+        sections.append(output.results.sections["benchmarks"])
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
@@ -222,7 +222,7 @@ def test_resume_reuses_the_saved_answers(tiny_llama, tmp_path):
     with pytest.raises(UsageError, match="--fresh"):
         run(other, str(tiny_llama), observers=(BenchmarkObserver(prepare(other), other),), resume=True)
     obs = BenchmarkObserver(prepare(cfg), cfg)
-    results, _ = run(cfg, str(tiny_llama), observers=(obs,), resume=True)
+    results, _ = run_pair(cfg, str(tiny_llama), observers=(obs,), resume=True)
     assert results.provenance["resumed_passes"] == ["bf16", "fp16", "fp32"]  # no model scored anything
     restored = results.sections["benchmarks"]
     assert restored["failed"] == {} and restored["rows"] == sections[0]["rows"]
@@ -289,7 +289,7 @@ def test_offline_cmmlu_over_shared_subjects(shared_dir, tiny_llama, tmp_path):
             dev = list(csv.DictReader(fh))[:2]
         assert context.startswith("以下是关于") and all(f"{d['Question'].strip()}\nA. " in context for d in dev)
         assert context.endswith(q.question) and f"答案： {dev[1]['Answer']}\n\n" in context
-    results, _ = run(cfg, str(tiny_llama), observers=(BenchmarkObserver(plan, cfg),))
+    results, _ = run_pair(cfg, str(tiny_llama), observers=(BenchmarkObserver(plan, cfg),))
     m = results.dtypes["bf16"].metrics
     assert all(f"acc/cmmlu_local_{s}" in m and f"flips/cmmlu_local_{s}" in m for s in subjects)
 

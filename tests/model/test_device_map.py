@@ -13,7 +13,7 @@ import math
 
 import pytest
 import torch
-from helpers import run_config
+from helpers import run_config, run_pair
 
 from evalsuite.config import RunConfig
 from evalsuite.errors import ModelLoadError
@@ -25,7 +25,6 @@ from evalsuite.numerics.hooks import Recorder
 from evalsuite.numerics.layers import LayerSample
 from evalsuite.numerics.observer import NumericsObserver
 from evalsuite.numerics.weights import conversion_stats
-from evalsuite.passes.runner import run
 
 FP16, BF16, FP32 = DTYPES["fp16"], DTYPES["bf16"], DTYPES["fp32"]
 CPU, META = torch.device("cpu"), torch.device("meta")
@@ -37,7 +36,7 @@ def _cfg(tmp_path, **kw) -> RunConfig:
 
 def _run(path, tmp_path, **kw):
     cfg = _cfg(tmp_path, **kw)
-    results, per_token = run(cfg, str(path), observers=(NumericsObserver(cfg, str(path)),))
+    results, per_token = run_pair(cfg, str(path), observers=(NumericsObserver(cfg, str(path)),))
     return results, per_token
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import run_pair
 from tiny import build_model
 
 from evalsuite.model.forward import Scorer
@@ -108,14 +109,13 @@ def test_a_run_through_the_padded_head_matches_float64(odd_vocab_model, tmp_path
 
     from evalsuite.model import forward
     from evalsuite.numerics.observer import NumericsObserver
-    from evalsuite.passes.runner import run
 
     def once(out, pad: bool):
         cfg = _config(out, dtypes=(DTYPES["bf16"],))
         real = forward.padded_head
         with monkeypatch.context() as m:
             m.setattr(forward, "padded_head", lambda head, vocab, _pad, sharded: real(head, vocab, pad, sharded))
-            results, _ = run(cfg, str(odd_vocab_model), observers=(NumericsObserver(cfg, str(odd_vocab_model)),))
+            results, _ = run_pair(cfg, str(odd_vocab_model), observers=(NumericsObserver(cfg, str(odd_vocab_model)),))
         head = [a for a in results.to_dict()["numerics"]["activations"] if a["kind"] == "lm_head"]
         assert results.provenance["padded_head"] == {"fp32": pad, "bf16": pad}
         return cfg, results.dtypes["bf16"].metrics, head

@@ -9,7 +9,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from helpers import run_config
+from helpers import run_config, run_pair
 from tiny import build_model, build_planted
 from transformers import AutoModelForCausalLM
 
@@ -28,7 +28,6 @@ from evalsuite.numerics.hooks import (
 from evalsuite.numerics.layers import LayerError, LayerSample, compare, max_growth_layer, with_growth
 from evalsuite.numerics.observer import NumericsObserver
 from evalsuite.numerics.weights import SLICE, conversion_stats, tensor_stats
-from evalsuite.passes.runner import run
 from evalsuite.store import corpus
 from evalsuite.store.corpus import CorpusSpec
 
@@ -42,7 +41,7 @@ def _cfg(tmp_path, **kw) -> RunConfig:
 
 def _run(path, tmp_path, **kw):
     cfg = _cfg(tmp_path, **kw)
-    results, _ = run(cfg, str(path), observers=(NumericsObserver(cfg, str(path)),))
+    results, _ = run_pair(cfg, str(path), observers=(NumericsObserver(cfg, str(path)),))
     return results, results.to_dict()["numerics"]
 
 
@@ -375,7 +374,7 @@ def test_gemma_fp16_failure_is_located(demo_model, shared_dir, tmp_path):
     text = shared_dir / "data/peoples-daily-1998/199801.txt"
     cfg = _cfg(tmp_path, model=str(demo_model), corpus=CorpusSpec(source=str(text)), seq_len=256, max_tokens=256,
                batch_size=None)
-    results, _ = run(cfg, str(demo_model), observers=(NumericsObserver(cfg, str(demo_model)),))
+    results, _ = run_pair(cfg, str(demo_model), observers=(NumericsObserver(cfg, str(demo_model)),))
     num = results.to_dict()["numerics"]
     fp16, bf16 = results.dtypes["fp16"].metrics, results.dtypes["bf16"].metrics
     module = fp16["first_nonfinite_module"]

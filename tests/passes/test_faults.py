@@ -8,11 +8,10 @@ import shutil
 
 import pytest
 import torch
-from helpers import run_config
+from helpers import run_config, run_pair
 
 from evalsuite.cli import main
 from evalsuite.model import forward
-from evalsuite.passes.runner import run
 
 FAST = ["--device", "cpu", "--seq-len", "64", "--max-tokens", "400", "--no-progress", "--no-numerics",
         "--tasks", "none"]
@@ -36,9 +35,9 @@ def _oom_above(monkeypatch, limit: int, only_dtype: torch.dtype | None = None):
 
 
 def test_out_of_memory_backs_off_and_gives_the_same_numbers(tiny_llama, tmp_path, monkeypatch):
-    plain, _ = run(_cfg(tmp_path / "a", batch_size=1), str(tiny_llama))
+    plain, _ = run_pair(_cfg(tmp_path / "a", batch_size=1), str(tiny_llama))
     _oom_above(monkeypatch, 1)
-    backed, _ = run(_cfg(tmp_path / "b", batch_size=8), str(tiny_llama))
+    backed, _ = run_pair(_cfg(tmp_path / "b", batch_size=8), str(tiny_llama))
     assert backed.provenance["batch_size"] == 1
     for name in ("fp16", "bf16"):
         assert backed.dtypes[name].metrics["kl_mean"] == plain.dtypes[name].metrics["kl_mean"]
@@ -46,7 +45,7 @@ def test_out_of_memory_backs_off_and_gives_the_same_numbers(tiny_llama, tmp_path
 
 def test_out_of_memory_at_batch_one_in_a_test_dtype_spares_the_others(tiny_llama, tmp_path, monkeypatch):
     _oom_above(monkeypatch, 0, only_dtype=torch.float16)
-    results, _ = run(_cfg(tmp_path), str(tiny_llama))
+    results, _ = run_pair(_cfg(tmp_path), str(tiny_llama))
     assert results.dtypes["fp16"].status == "failed" and "--seq-len" in results.dtypes["fp16"].message
     assert results.dtypes["bf16"].status == "ok" and results.dtypes["fp32"].status == "ok"
 
@@ -63,7 +62,7 @@ def test_dtype_the_device_cannot_run_is_skipped(tiny_llama, tmp_path, monkeypatc
 
     monkeypatch.setattr(runner, "unsupported_reason",
                         lambda p, d: "this GPU has no native BF16 (injected)" if p.name == "bf16" else None)
-    results, _ = run(_cfg(tmp_path), str(tiny_llama))
+    results, _ = run_pair(_cfg(tmp_path), str(tiny_llama))
     assert results.dtypes["bf16"].status == "skipped" and "no native BF16" in results.dtypes["bf16"].message
     assert results.dtypes["fp16"].status == "ok"
 

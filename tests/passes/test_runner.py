@@ -7,14 +7,13 @@ import math
 import numpy as np
 import pytest
 import torch
-from helpers import run_config
+from helpers import run_config, run_pair
 from tiny import build_model
 from transformers import AutoModelForCausalLM
 
 from evalsuite.config import RunConfig
 from evalsuite.model.loading import load_tokenizer
 from evalsuite.model.precision import DTYPES
-from evalsuite.passes.runner import run
 from evalsuite.store import corpus
 
 
@@ -57,7 +56,7 @@ def _all_in_memory(path, cfg, dtype, device="cpu"):
 def test_metrics_match_all_in_memory_float64(fixture, request, tmp_path):
     path = request.getfixturevalue(fixture)
     cfg = _config(tmp_path, dtypes=(DTYPES["fp16"],))
-    results, per_token = run(cfg, str(path))
+    results, per_token = run_pair(cfg, str(path))
     expect = _all_in_memory(path, cfg, torch.float16)
     m = results.dtypes["fp16"].metrics
     # The documented target for the stored-reference comparison: <= 1e-6 nats on the KL mean.
@@ -87,8 +86,8 @@ def test_context_rules(tiny_llama, tiny_qwen_no_bos):
 
 
 def test_segmented_reference_equals_single_segment(tiny_llama, tmp_path):
-    one, _ = run(_config(tmp_path / "a"), str(tiny_llama))
-    many, _ = run(_config(tmp_path / "b", buffer_gib=200 * 384 * 4 / 2**30), str(tiny_llama))
+    one, _ = run_pair(_config(tmp_path / "a"), str(tiny_llama))
+    many, _ = run_pair(_config(tmp_path / "b", buffer_gib=200 * 384 * 4 / 2**30), str(tiny_llama))
     assert many.provenance["n_segments"] > 1 and one.provenance["n_segments"] == 1
     for name in ("fp16", "bf16"):
         a, b = one.dtypes[name].metrics, many.dtypes[name].metrics
@@ -97,7 +96,7 @@ def test_segmented_reference_equals_single_segment(tiny_llama, tmp_path):
 
 
 def test_noise_floor_is_reported(tiny_llama, tmp_path):
-    results, _ = run(_config(tmp_path), str(tiny_llama))
+    results, _ = run_pair(_config(tmp_path), str(tiny_llama))
     nf = results.noise_floor
     assert nf["n_tokens"] == 700 and nf["batch_size"] != nf["reference_batch_size"]
     assert nf["kl_mean"] >= 0 and nf["top1_agreement"] <= 1
@@ -119,7 +118,7 @@ def test_fp16_overflow_is_a_finding_not_a_crash(tmp_path):
     # LM head scaled so that some FP16 logits exceed 65504 -> inf (on 130 of 700 tokens with this
     # seed); FP32 and BF16 stay finite.
     path = build_model(tmp_path / "hot", "llama", seed=3, scale_lm_head=16000.0)
-    results, per_token = run(_config(tmp_path / "out"), str(path))
+    results, per_token = run_pair(_config(tmp_path / "out"), str(path))
     fp16, bf16 = results.dtypes["fp16"], results.dtypes["bf16"]
     assert fp16.status == "broken" and "non-finite" in fp16.message
     assert fp16.metrics["nonfinite_logits"] > 0 and fp16.metrics["nonfinite_tokens"] > 0
@@ -157,7 +156,7 @@ class _Recorder:
 
 def test_observers_see_every_pass_and_batch(tiny_llama, tmp_path):
     rec = _Recorder()
-    results, _ = run(_config(tmp_path), str(tiny_llama), observers=(rec,))
+    results, _ = run_pair(_config(tmp_path), str(tiny_llama), observers=(rec,))
     assert rec.events == [("start", "fp32", "reference", 0, "torch.float32"), ("end", "fp32"),
                           ("start", "fp16", "test", 0, "torch.float16"), ("end", "fp16"),
                           ("start", "bf16", "test", 0, "torch.bfloat16"), ("end", "bf16")]

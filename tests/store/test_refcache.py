@@ -8,13 +8,12 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
-from helpers import run_config
+from helpers import run_config, run_pair
 
 from evalsuite.config import RunConfig
 from evalsuite.model.precision import DTYPES
 from evalsuite.numerics.observer import NumericsObserver
 from evalsuite.passes import loop as passloop
-from evalsuite.passes.runner import run
 from evalsuite.store import logits as logits_io
 from evalsuite.store import refcache
 
@@ -45,7 +44,7 @@ def _metrics(results) -> dict:
 
 def _run(cfg, model, numerics=False):
     observers = (NumericsObserver(cfg, str(model)),) if numerics else ()
-    results, per_token = run(cfg, str(model), observers=observers)
+    results, per_token = run_pair(cfg, str(model), observers=observers)
     return results, per_token
 
 
