@@ -2,7 +2,7 @@
 
 Why: computed with torch ops in float64, the per-token KL of a 152k vocabulary streams about
 150 bytes per logit through memory (two upcasts, two log-softmaxes, exp, products, sums) and
-made the FP16/BF16 passes 5-7x slower than the forward pass itself (BENCHMARKS.md). This kernel
+made the FP16/BF16 passes 5-7x slower than the forward pass itself (docs/performance.md). This kernel
 reads each reference (float32) and test (any float) logit once and keeps every accumulator in
 float64 registers (one set per lane, merged at the end of the row), using the online-softmax
 recurrence:
@@ -27,7 +27,7 @@ try:
 except ImportError:  # pragma: no cover - exercised on machines without triton
     triton = None
 
-BLOCK, NUM_WARPS = 512, 8  # lanes per row and warps per program: measured by benchmarks/perf_gpu.py (stage kernel)
+BLOCK, NUM_WARPS = 512, 8  # lanes per row and warps per program: measured by perf/perf_gpu.py (stage kernel)
 # The kernel's output columns, in the order its stores write them (the `tl.store(out + i, ...)` lines
 # below); callers read a column by name through COL, never by a bare index.
 COLUMNS = ("kl", "lse_ref", "lse_test", "max_abs_dlogit", "argmax_ref", "argmax_test", "nonfinite_test",

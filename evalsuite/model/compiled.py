@@ -2,8 +2,8 @@
 
 Why: an eager HF decoder runs RMSNorm, rotary embeddings and SiLU x up as a dozen separate
 elementwise kernels per layer. On an H200 they were 31 % of a Llama-2-7B BF16 forward's GPU
-time (benchmarks/profile_pass.py), while the matrix products and attention alone would take
-20.3 us/token against the eager body's 28.5 (benchmarks/floor.py). Fusing them is the one lever
+time (perf/profile_pass.py), while the matrix products and attention alone would take
+20.3 us/token against the eager body's 28.5 (perf/floor.py). Fusing them is the one lever
 left on a pass that is otherwise the model's own GEMMs.
 
 Why these modules and not the whole decoder: evalsuite's numerics observers hook the decoder
@@ -16,7 +16,7 @@ The residual adds between the modules stay eager.
 Why the numbers can be trusted: inductor's `emulate_precision_casts` rounds each fused
 intermediate to the dtype eager would have rounded it to, so a BF16/FP16 module computes what
 eager computes except where a fused reduction (RMSNorm's mean of squares) sums in another order;
-the run's results record that the test passes were compiled, and BENCHMARKS.md gives the
+the run's results record that the test passes were compiled, and docs/performance.md gives the
 measured difference from eager. The FP32 reference is never compiled (it is GEMM-bound, and its
 norms' float32 sums would not round away). Shapes are dynamic, so one compilation serves every
 batch; a batch of one window is run as two copies of it (Dynamo specialises sizes 0 and 1).

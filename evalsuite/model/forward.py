@@ -250,7 +250,7 @@ def auto_batch_size(device: torch.device, seq_len: int, hidden: int | None = Non
     its size, so a narrow model at a 7B's batch leaves the GPU waiting on Python; holding
     tokens x width near the 7B shape's keeps the activations' memory what a 7B needs and lets a
     0.5B run 32 windows of 2048 (measured on an H200: 1.29x the plain loop's tokens/s at batch
-    8, 1.38x at batch 32; BENCHMARKS.md). The chunked head keeps the logits out of this budget.
+    8, 1.38x at batch 32; docs/performance.md). The chunked head keeps the logits out of this budget.
     """
     if device.type != "cuda":
         return max(1, 1024 // max(1, seq_len))

@@ -3,7 +3,7 @@
 Why pad: with a vocabulary that is not a multiple of 8 (Chinese-LLaMA's 49,953) cuBLAS has no
 aligned tensor-core kernel for a bf16/fp16 head and falls back to an sm75 one: on an H200 the
 0.5B shape's head ran at 95 TFLOP/s instead of 644 (0.94 instead of 0.14 us per token), the 7B
-shape's at 3.8 instead of 0.59 us per token (benchmarks/head_align.py, BENCHMARKS.md). Writing
+shape's at 3.8 instead of 0.59 us per token (perf/head_align.py, docs/performance.md). Writing
 into a padded output view did not help; padding the weight's rows did. Appending zero rows up to
 a multiple of 64 (what vLLM does to every vocabulary) changes no logit mathematically; another
 GEMM kernel then rounds the products, so a bf16 logit can differ by one unit in the last place

@@ -148,7 +148,7 @@ def test_automatic_batch_size_holds_tokens_times_width(tiny_llama):
 def test_decoder_then_chunked_head_is_used(fixture, request):
     """The split (no full-vocabulary logits for a batch) must not fall back silently: a bug in the
     split's own code once made every run take the full forward, with the same numbers and 10 GiB
-    more memory on an H200 (found by benchmarks/perf_gpu.py)."""
+    more memory on an H200 (found by perf/perf_gpu.py)."""
     from evalsuite.model.loading import load_model
     from evalsuite.model.precision import DTYPES
 

@@ -1,8 +1,8 @@
 """GPU benchmark for the core pass: evalsuite run vs a plain `model(ids, labels=ids)` loop.
 
-Reproduces the numbers in BENCHMARKS.md ("Core run"). One command on a CUDA machine:
+Reproduces the numbers in docs/performance.md ("Core run"). One command on a CUDA machine:
 
-    python benchmarks/core_gpu.py --text ../shared/data/peoples-daily-1998/199801.txt --out bench-out
+    python perf/core_gpu.py --text ../shared/data/peoples-daily-1998/199801.txt --out bench-out
 
 It trains a 32k BPE on the text, builds a random-init model with Qwen2-0.5B's config (fixed seed,
 saved with save_pretrained), runs `evalsuite run` on it, then times the plain loop over the very

@@ -1,6 +1,6 @@
 """Where a test dtype's pass spends its time (0.5B shape, BF16): decomposition and profiler table.
 
-    python benchmarks/profile_pass.py --text .bench/199801.txt --tokenizer .bench/tok49953 --out $OUT
+    python perf/profile_pass.py --text .bench/199801.txt --tokenizer .bench/tok49953 --out $OUT
 
 Same windows, same card, same process: the decoder body alone; body + chunked LM head (chunks
 consumed, nothing computed on them); the whole test pass (`run_pass` with `passes.compare`

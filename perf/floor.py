@@ -1,6 +1,6 @@
 """The fastest an eager-equivalent forward of a shape could be on this card: its GEMMs and attention alone.
 
-    python benchmarks/floor.py --out $OUT [--shape llama2-7b --batch 8 --vocab 49953]
+    python perf/floor.py --out $OUT [--shape llama2-7b --batch 8 --vocab 49953]
 
 Why: the issue asks for 1.4x lm-eval's rolling path at 7B, and lm-eval runs the same HF forward
 evalsuite does. Any implementation that keeps the model's own matrix products (same shapes,

@@ -1,6 +1,6 @@
-"""Where the time of a per-dtype pass goes (0.5B shape): the exploration behind BENCHMARKS.md.
+"""Where the time of a per-dtype pass goes (0.5B shape): the exploration behind docs/performance.md.
 
-    python benchmarks/explore_pass.py --text .bench/199801.txt --tokenizer .bench/tok49953 --out $OUT
+    python perf/explore_pass.py --text .bench/199801.txt --tokenizer .bench/tok49953 --out $OUT
 
 Times, on the same windows and card: the plain `model(ids, labels=ids)` loop; the decoder body
 alone (eager, and under torch.compile); the LM head + HF-style loss against the LM head + our

@@ -1,6 +1,6 @@
-"""The performance benchmark behind BENCHMARKS.md (issue: performance and scale), baselines included.
+"""The performance benchmark behind docs/performance.md (issue: performance and scale), baselines included.
 
-    python benchmarks/perf_gpu.py --text .bench/199801.txt --tokenizer .bench/tok49953 \
+    python perf/perf_gpu.py --text .bench/199801.txt --tokenizer .bench/tok49953 \
         --out $OUT --stages kernel,small,large,huge[,dp]
 
 Everything on one card, same tokens, baselines in the same process:

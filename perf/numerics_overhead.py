@@ -1,11 +1,11 @@
 """What the numerics diagnostics cost: `evalsuite run` with and without them, same model, same tokens.
 
-Reproduces the numerics overhead in BENCHMARKS.md. On a CUDA machine:
+Reproduces the numerics overhead in docs/performance.md. On a CUDA machine:
 
-    python benchmarks/numerics_overhead.py --text ../shared/data/peoples-daily-1998/199801.txt --out bench-out
+    python perf/numerics_overhead.py --text ../shared/data/peoples-daily-1998/199801.txt --out bench-out
 
 It builds (once, cached under --work) the random-init model with Qwen2-0.5B's config that
-benchmarks/core_gpu.py uses, then runs the evalsuite run loop `--repeats` times each way, with
+perf/core_gpu.py uses, then runs the evalsuite run loop `--repeats` times each way, with
 and without `NumericsObserver`, alternating the order so drift (clocks, caches) cancels. Per dtype
 it reports the forward-pass time (`timing.pass_s`, hooks included) and separately the observer's
 own time outside the passes (weight conversion statistics before the reference pass, the host
@@ -28,7 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import core_gpu  # noqa: E402  (benchmarks/core_gpu.py: the shared model builder)
+import core_gpu  # noqa: E402  (perf/core_gpu.py: the shared model builder)
 
 SMALL = dict(core_gpu.QWEN2_05B, vocab_size=32000, hidden_size=128, intermediate_size=512, num_hidden_layers=4,
              num_attention_heads=4, num_key_value_heads=2)  # 32000: the size of core_gpu's tokenizer

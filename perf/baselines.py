@@ -4,11 +4,11 @@ Importable (nothing runs at import; transformers and lm_eval are imported inside
 ``import baselines`` is cheap and works where lm-eval is missing) and a small CLI to try them:
 
     # a random-init model of a real shape, saved in bf16 with the benchmark tokenizer
-    python benchmarks/baselines.py build --shape qwen2-0.5b --tokenizer .bench/tok49953 --out /tmp/q05
+    python perf/baselines.py build --shape qwen2-0.5b --tokenizer .bench/tok49953 --out /tmp/q05
     # plain loop and lm-eval over the same windows, side by side
-    python benchmarks/baselines.py compare --model /tmp/q05 --text .bench/199801.txt --n-windows 64
+    python perf/baselines.py compare --model /tmp/q05 --text .bench/199801.txt --n-windows 64
     # the whole thing on a CPU in about a minute with a 2-layer, 64-wide Qwen2
-    python benchmarks/baselines.py selftest --tokenizer .bench/tok49953 --text .bench/199801.txt
+    python perf/baselines.py selftest --tokenizer .bench/tok49953 --text .bench/199801.txt
 
 Why these two baselines: ``plain_loop`` is what a user writes by hand (``model(ids, labels=ids).loss``
 over BOS + 2048-token windows), the lower bound of work per token; ``lmeval_rolling`` is what a user

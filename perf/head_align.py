@@ -1,6 +1,6 @@
-"""Is the LM head slow because its output rows are misaligned? (H200 exploration behind BENCHMARKS.md)
+"""Is the LM head slow because its output rows are misaligned? (H200 exploration behind docs/performance.md)
 
-    python benchmarks/head_align.py --out $OUT
+    python perf/head_align.py --out $OUT
 
 A 49,953-token vocabulary gives (C, V) logits whose rows start at odd element offsets: a bf16
 row is 99,906 bytes, not a multiple of 16, so cuBLAS cannot use its aligned tensor-core kernels

@@ -1,6 +1,6 @@
 """Time the fused divergence kernel (evalsuite/metrics/kernels.py) against what it replaces, on a GPU.
 
-    python benchmarks/kernel_tune.py        # prints a table; BENCHMARKS.md records it
+    python perf/kernel_tune.py        # prints a table; docs/performance.md records it
 
 Shapes: C tokens x V = 151,936 (Qwen2's vocabulary), reference float32, test bfloat16.
 Baselines: the torch float64 path (divergence.py on CUDA without triton) and the cost the plain

@@ -1,6 +1,6 @@
 """Where a whole `evalsuite run` spends its time beyond the passes (7B shape): a cProfile of main().
 
-    python benchmarks/profile_run.py --text .bench/199801.txt --tokenizer .bench/tok49953 --out $OUT
+    python perf/profile_run.py --text .bench/199801.txt --tokenizer .bench/tok49953 --out $OUT
 
 Builds the random-init model (as perf_gpu.py), runs `evalsuite run` once to warm up imports and
 kernels on a small token count, then once under cProfile with the reference cache and resume

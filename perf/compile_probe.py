@@ -1,6 +1,6 @@
 """Would torch.compile of the decoder body be usable? Speed, compile time, numerics, hooks (one card).
 
-    python benchmarks/compile_probe.py --out $OUT [--shape qwen2-0.5b]
+    python perf/compile_probe.py --out $OUT [--shape qwen2-0.5b]
 
 For BF16 and FP16, the eager decoder body against `torch.compile(decoder)` with inductor's
 defaults and with `emulate_precision_casts` (which rounds fused intermediates where eager

@@ -3,7 +3,7 @@
 The GPU benchmarks need a tokenizer whose size is fixed (the models' embedding tables are built with
 ``vocab_size=49953``) and that anyone can rebuild from the same text without the Hub. So:
 
-    python benchmarks/make_tokenizer.py --text ../shared/data/peoples-daily-1998/199801.txt --out .bench/tok49953
+    python perf/make_tokenizer.py --text ../shared/data/peoples-daily-1998/199801.txt --out .bench/tok49953
 
 Byte-level BPE (GPT-2's pre-tokenizer and byte alphabet) never meets an unknown character, so any
 text the benchmarks read tokenizes. ``<s>`` (BOS) and ``</s>`` (EOS) are the two special tokens and
