@@ -17,7 +17,7 @@ from datetime import datetime
 from functools import partial
 from pathlib import Path
 
-from evalsuite import __version__
+from evalsuite.cli_parser import build_parser
 from evalsuite.errors import (
     EXIT_INTERRUPTED,
     EXIT_OK,
@@ -28,118 +28,6 @@ from evalsuite.errors import (
     EvalsuiteError,
     UsageError,
 )
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse that raises UsageError instead of printing usage and calling sys.exit."""
-
-    def error(self, message: str):  # type: ignore[override]
-        raise UsageError(f"{message} (see `evalsuite {self.prog.split()[-1]} --help`)")
-
-
-def _positive_int_or_auto(text: str) -> int | None:
-    if text == "auto":
-        return None
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number or 'auto', got {text!r}") from None
-    return value
-
-
-def _count_or_fraction(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of questions or a fraction, got {text!r}") from None
-    return int(value) if value.is_integer() else value
-
-
-def _add_gate_args(parser: argparse.ArgumentParser, required: bool) -> None:
-    parser.add_argument("--gate", required=required, metavar="FILE",
-                        help="gates TOML file, a pyproject.toml with [tool.evalsuite.gates], or 'default' "
-                             "(see docs/gates.md); exit 1 if a gate fails")
-    parser.add_argument("--baseline", metavar="FILE", help="results.json that 'baseline' bounds compare against")
-    parser.add_argument("--junit", metavar="FILE", help="write JUnit XML, one test case per gate")
-    parser.add_argument("--summary-md", metavar="FILE", help="write a Markdown summary (e.g. $GITHUB_STEP_SUMMARY)")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="evalsuite", description=__doc__.splitlines()[0])
-    parser.add_argument("--version", action="version", version=f"evalsuite {__version__}")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
-    sub = parser.add_subparsers(dest="command", parser_class=_Parser)
-
-    run = sub.add_parser("run", help="measure perplexity and divergence of each dtype against the reference")
-    run.add_argument("--model", help="checkpoint directory or Hugging Face id (default: embedded Gemma 3 270M)")
-    run.add_argument("--dtypes", default="fp16,bf16", help="comma-separated test dtypes (fp16, bf16, fp32)")
-    run.add_argument("--reference", default="fp32", help="reference dtype (default fp32, run with TF32 off)")
-    run.add_argument("--device", default="auto", help="auto, cuda, cuda:N or cpu")
-    run.add_argument("--corpus", default="bundled:zh",
-                     help="bundled:zh, a .txt/.jsonl/.parquet file, or hf:DATASET for a Hugging Face dataset")
-    run.add_argument("--corpus-column", default="text", help="text field of .jsonl/.parquet/dataset rows")
-    run.add_argument("--corpus-config", default=None, help="Hugging Face dataset config name")
-    run.add_argument("--corpus-split", default="test", help="Hugging Face dataset split")
-    run.add_argument("--seq-len", type=int, default=2048, help="scored tokens per window (default 2048)")
-    run.add_argument("--max-tokens", type=int, default=None, help="score at most this many tokens")
-    run.add_argument("--batch-size", type=_positive_int_or_auto, default=None, help="windows per batch or 'auto'")
-    run.add_argument("--out", type=Path, default=None, help="output directory (default reports/run-TIMESTAMP)")
-    run.add_argument("--seed", type=int, default=0)
-    run.add_argument("--noise-tokens", type=int, default=32768,
-                     help="tokens re-scored by a second reference pass to measure the noise floor")
-    run.add_argument("--buffer-gib", type=float, default=None,
-                     help="memory for the reference's logits (default: half the free device memory)")
-    run.add_argument("--attn-implementation", default=None, help="e.g. sdpa, eager (default: transformers')")
-    run.add_argument("--trust-remote-code", action="store_true", help="allow code from the checkpoint (off by default)")
-    run.add_argument("--compile", action="store_true",
-                     help="torch.compile the FP16/BF16 models' attention, MLP and norm modules: faster passes on "
-                          "long runs, after a few seconds of compiling per dtype; not bit-identical to eager (README: Speed and memory)")
-    run.add_argument("--no-progress", action="store_true", help="no progress bars")
-    run.add_argument("--allow-partial", action="store_true",
-                     help=f"exit 0 even if a part of the run failed (a dtype, the benchmarks); default: exit {EXIT_PARTIAL}")
-    run.add_argument("--fresh", action="store_true",
-                     help="discard an unfinished run in --out instead of resuming it")
-    run.add_argument("--no-resume", action="store_true",
-                     help="keep no resume state (saves disk: the reference's logits are not written)")
-    run.add_argument("--no-numerics", action="store_true",
-                     help="skip the numerics diagnostics: weight conversion, activation headroom, first inf/NaN, "
-                          "layer-wise error, verdict (docs/numerics.md)")
-    run.add_argument("--headroom-margin-bits", type=float, default=1.0,
-                     help="flag modules whose reference activations come within this many bits of a dtype's "
-                          "largest finite value (default 1.0)")
-    run.add_argument("--tasks", default="zh_mc",  # = bench_tasks.DEFAULT_TASKS (not imported: `report` needs no numpy)
-                     help="comma-separated lm-eval multiple-choice tasks or groups scored at each dtype (e.g. zh_mc, "
-                          "cmmlu_local, cmmlu, ceval-valid), or 'none' (default: evalsuite's own zh_mc, offline)")
-    run.add_argument("--num-fewshot", type=int, default=None, help="few-shot examples per question (default: task's)")
-    run.add_argument("--limit", type=_count_or_fraction, default=None,
-                     help="score at most this many questions per task/subject (or a fraction below 1)")
-    run.add_argument("--cmmlu-dir", type=Path, default=None,
-                     help="local CMMLU (dev/, test/ CSVs) for cmmlu_local (default: $EVALSUITE_CMMLU_DIR)")
-    run.add_argument("--ceval-dir", type=Path, default=None,
-                     help="local C-Eval (dev/, val/ CSVs) for ceval-valid_local (default: $EVALSUITE_CEVAL_DIR)")
-    run.add_argument("--device-map", choices=["auto"], default=None,
-                     help="'auto': shard each model over the visible GPUs through accelerate, for a model too "
-                          "large for one GPU")
-    run.add_argument("--reference-cache", type=Path, default=None, metavar="DIR",
-                     help="where finished reference passes are kept and reused by later runs of the same "
-                          "checkpoint, tokens and settings (default: $EVALSUITE_CACHE/reference or "
-                          "~/.cache/evalsuite/reference)")
-    run.add_argument("--no-reference-cache", action="store_true", help="neither read nor write the reference cache")
-    run.add_argument("--reference-cache-gib", type=float, default=64.0,
-                     help="evict the least recently used cached references beyond this size (default 64)")
-    _add_gate_args(run, required=False)
-
-    gate = sub.add_parser("gate", help="check a results.json against gates (no model needed); exit 1 if one fails")
-    gate.add_argument("results", help="results.json of a run, or its output directory")
-    _add_gate_args(gate, required=True)
-
-    report = sub.add_parser("report", help="re-render report.html from results.json (no model needed); "
-                                           "two files: compare the runs side by side")
-    report.add_argument("results", nargs="+", type=Path, metavar="RESULTS.json", help="one run, or two to compare")
-    report.add_argument("--compare", type=Path, default=None, metavar="B.json", help="a second run to compare with")
-    report.add_argument("-o", "--output", type=Path, default=None,
-                        help="output HTML (default: report.html beside results.json, or compare.html for two runs)")
-    return parser
 
 
 def default_cache_dir() -> Path:
@@ -209,8 +97,13 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     bench_plan = prepare(cfg) if cfg.tasks else None  # a bad --tasks fails here, before any model loads
     source = cfg.model or str(demo_checkpoint())
-    output = run(cfg, source, observers=_observers(cfg, source, bench_plan), resume=not args.no_resume,
-                 fresh=args.fresh, write_outputs=partial(_write_outputs, cfg.out_dir))
+    from evalsuite.passes import distributed
+    from evalsuite.store.outdir import claim
+
+    dist = distributed.from_env()
+    with claim(cfg.out_dir, cfg.to_dict(), dist.rank if dist else None, overwrite=args.overwrite or args.fresh):
+        output = run(cfg, source, observers=_observers(cfg, source, bench_plan), resume=not args.no_resume,
+                     fresh=args.fresh, write_outputs=partial(_write_outputs, cfg.out_dir))
     if output is None:  # a data-parallel rank other than 0: rank 0 writes and gates the results
         return EXIT_OK
     return _finish_run(args, cfg, gate_set, output)
@@ -308,8 +201,12 @@ def _load_gates(args: argparse.Namespace, dtype_names: list[str] | None = None):
 
 def cmd_gate(args: argparse.Namespace) -> int:
     from evalsuite.gates import rules as gates
+    from evalsuite.log import say
     from evalsuite.store.results import load_results
 
+    if args.gate is None:
+        say("no --gate given: using the default gates (docs/gates.md)")
+        args.gate = "default"
     gate_set = _load_gates(args)
     results = load_results(gates.results_path(args.results))
     outcomes = gates.evaluate(gate_set, results)
@@ -335,7 +232,18 @@ def cmd_report(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-COMMANDS = {"run": cmd_run, "gate": cmd_gate, "report": cmd_report}
+def cmd_tasks(args: argparse.Namespace) -> int:
+    """The tasks and groups --tasks accepts: evalsuite's own (offline), and with --all lm-eval's."""
+    from evalsuite.bench.tasks import list_tasks
+
+    for name, kind, where in list_tasks(include_lm_eval=args.all):
+        print(f"{name:48s} {kind:6s} {where}")
+    if not args.all:
+        print("(evalsuite's own tasks; `evalsuite tasks --all` adds lm-eval's built-in ones, e.g. cmmlu, ceval-valid)")
+    return EXIT_OK
+
+
+COMMANDS = {"run": cmd_run, "gate": cmd_gate, "report": cmd_report, "tasks": cmd_tasks}
 
 
 class _Terminated(KeyboardInterrupt):
@@ -354,7 +262,10 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError:  # not the main thread (an embedding application): leave its handlers alone
         previous = None
     try:
-        args = build_parser().parse_args(argv)
+        args, extra = build_parser().parse_known_args(argv)
+        if extra:
+            where = f"evalsuite {args.command} --help" if args.command else "evalsuite --help"
+            raise UsageError(f"unrecognized arguments: {' '.join(extra)} (see `{where}`)")
         if args.command is None:
             build_parser().print_help()
             return EXIT_USAGE

@@ -116,6 +116,23 @@ def _task_manager(names: tuple[str, ...], metadata: dict):
     return tm
 
 
+def list_tasks(include_lm_eval: bool = False) -> list[tuple[str, str, str]]:
+    """(name, "group" | "task" | "tag", "evalsuite" | "lm-eval") for every name --tasks accepts, sorted."""
+    try:
+        from lm_eval.tasks import TaskManager
+    except ImportError as exc:
+        raise MissingExtraError("listing tasks needs lm-eval: pip install 'lm-eval>=0.4.13,<0.5'") from exc
+    local = TaskManager(include_path=str(tasks_dir()), include_defaults=False)
+    ours = set(local.all_tasks)
+    tm = TaskManager(include_path=str(tasks_dir())) if include_lm_eval else local
+    kinds = [(set(tm.all_groups), "group"), (set(tm.all_tags), "tag")]
+    rows = []
+    for name in tm.all_tasks:
+        kind = next((k for names, k in kinds if name in names), "task")
+        rows.append((name, kind, "evalsuite" if name in ours else "lm-eval"))
+    return sorted(rows, key=lambda r: (r[2] != "evalsuite", r[0]))
+
+
 def _load(tm, name: str) -> list:
     """The leaf Task objects of one --tasks name; load errors become one-line errors."""
     try:
