@@ -14,7 +14,7 @@ from collections.abc import Collection, Sequence
 
 from markupsafe import Markup, escape
 
-from evalsuite.report.table import is_number as _finite
+from evalsuite.fmt import is_number as _finite
 
 # Okabe-Ito: distinguishable with the common colour-vision deficiencies.
 PALETTE = ("#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#000000")

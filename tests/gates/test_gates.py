@@ -16,6 +16,7 @@ import pytest
 
 from evalsuite.cli import main
 from evalsuite.errors import UsageError
+from evalsuite.gates import ci
 from evalsuite.gates import rules as gates
 from evalsuite.store.results import DtypeResult, RunResults, load_results, write_results
 
@@ -174,7 +175,7 @@ def test_non_finite_in_memory_fails(value):
     results = RunResults({}, {}, {}, {}, "fp32", {"fp16": DtypeResult("fp16", "test", "ok", None, {"ppl": value})})
     gs = gates.GateSet("g", gates.parse('[gates]\nppl = ">= 0"\n'))
     (o,) = gates.evaluate(gs, results)
-    assert o.status == "fail" and gates.show(o.value) == "NaN"
+    assert o.status == "fail" and ci.show(o.value) == "NaN"
 
 
 def test_type_mismatch_is_a_configuration_error(tmp_path, good, capsys):
