@@ -16,12 +16,13 @@ from pathlib import Path
 from typing import Any
 
 import jinja2
+from markupsafe import Markup
 
 from evalsuite import __version__
+from evalsuite.fmt import fmt, pct, pm
+from evalsuite.fmt import is_number as _finite
 from evalsuite.report import bench as bench_report
 from evalsuite.report import charts
-from evalsuite.report.table import fmt, pct, pm
-from evalsuite.report.table import is_number as _finite
 
 # Top-level keys that have their own section; any other key is shown raw under "other sections".
 KNOWN_KEYS = {"config", "provenance", "model", "corpus", "reference", "dtypes", "noise_floor", "noise_floor_detail",
@@ -54,9 +55,23 @@ def _defined(f):
     return wrapped
 
 
+# Control characters (C0 but tab and newline, DEL, C1) from token strings shown as symbols: raw in
+# HTML they are invalid, and a browser shows nothing or a box where the data held a byte.
+_CONTROL = {**{c: 0x2400 + c for c in range(0x20) if c not in (0x09, 0x0A)}, 0x7F: 0x2421,
+            **{c: f"\\x{c:02x}" for c in range(0x80, 0xA0)}}
+
+
+def visible(value):
+    """What every `{{ }}` in the templates prints: control characters replaced, Markup kept Markup."""
+    if isinstance(value, str):
+        shown = value.translate(_CONTROL)
+        return Markup(shown) if isinstance(value, Markup) else shown
+    return value
+
+
 def _env() -> jinja2.Environment:
     env = jinja2.Environment(loader=jinja2.PackageLoader("evalsuite.report", "templates"), autoescape=True,
-                             trim_blocks=True, lstrip_blocks=True)
+                             trim_blocks=True, lstrip_blocks=True, finalize=visible)
     env.filters.update(fmt=_defined(fmt), pm=_defined(pm), pct=_defined(pct), secs=_defined(secs))
     env.globals["version"] = __version__
     return env
@@ -227,11 +242,11 @@ def _all_metrics(dtypes: dict, only_unknown: bool = False) -> list[tuple[str, li
 
 
 def _title(model: dict) -> str:
-    if model.get("is_demo"):
-        from evalsuite.model.demo import DEMO_NAME  # a constant; importing demo loads no model
-
-        return f"{DEMO_NAME}, the embedded default model"
-    return str(model.get("source") or "unknown model")
+    """The model as results.json names it; the report needs no model package to say which it was."""
+    source = str(model.get("source") or "unknown model")
+    if model.get("is_demo") is True:  # source is then the cached conversion's directory
+        return f"{model.get('name') or Path(source).name}, the embedded default model"
+    return source
 
 
 def _other_sections(results: dict) -> list[tuple[str, str]]:
