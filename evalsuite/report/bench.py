@@ -15,6 +15,11 @@ METRIC_PREFIXES = ("acc/", "acc_se/", "delta_acc/", "delta_acc_ci_low/", "delta_
 NONFINITE = "bench_nonfinite/"  # + task: questions whose log-likelihoods at that dtype are not finite
 
 
+def obj(v) -> dict:
+    """`v` if it is a JSON object, else {}: a damaged file's wrong type reads as a missing part."""
+    return v if isinstance(v, dict) else {}
+
+
 def _pp(v) -> str:
     """A difference of shares in percentage points, signed."""
     return f"{'+' if v > 0 else ''}{fmt(v * 100, 3)} pp" if is_number(v) else "-"
@@ -107,7 +112,7 @@ def _count(rows: list, names: list[str], key: str) -> dict[str, int]:
     """A per-dtype count summed over the whole-task rows (subjects are part of them)."""
     out = {}
     for n in names:
-        values = [((r.get("acc") or {}).get(n) or {}).get(key) for r in rows
+        values = [obj(obj(r.get("acc")).get(n)).get(key) for r in rows
                   if isinstance(r, dict) and r.get("subject") is None]
         out[n] = sum(int(v) for v in values if isinstance(v, int | float) and not isinstance(v, bool))
     return out
@@ -133,7 +138,7 @@ def context(results: dict) -> dict:
     b = results.get("benchmarks")
     if not isinstance(b, dict) or not isinstance(b.get("rows"), list):
         return {}
-    names = [str(n) for n in b.get("dtypes") or []]
+    names = [str(n) for n in b.get("dtypes")] if isinstance(b.get("dtypes"), list) else []
     ref = b.get("reference")
     tests = [n for n in names if n != ref]
     rows = [_row(r, tests, names) for r in b["rows"] if isinstance(r, dict)]

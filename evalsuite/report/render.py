@@ -11,7 +11,9 @@ the "all metrics" table and the "other sections" dump.
 
 from __future__ import annotations
 
+import functools
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +25,7 @@ from evalsuite.fmt import fmt, pct, pm
 from evalsuite.fmt import is_number as _finite
 from evalsuite.report import bench as bench_report
 from evalsuite.report import charts
+from evalsuite.report.bench import obj
 
 # Top-level keys that have their own section; any other key is shown raw under "other sections".
 KNOWN_KEYS = {"config", "provenance", "model", "corpus", "reference", "dtypes", "noise_floor", "noise_floor_detail",
@@ -61,14 +64,18 @@ _CONTROL = {**{c: 0x2400 + c for c in range(0x20) if c not in (0x09, 0x0A)}, 0x7
             **{c: f"\\x{c:02x}" for c in range(0x80, 0xA0)}}
 
 
+_HAS_CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f]")  # the keys of _CONTROL: a quick test first
+
+
 def visible(value):
     """What every `{{ }}` in the templates prints: control characters replaced, Markup kept Markup."""
-    if isinstance(value, str):
+    if isinstance(value, str) and _HAS_CONTROL.search(value):
         shown = value.translate(_CONTROL)
         return Markup(shown) if isinstance(value, Markup) else shown
     return value
 
 
+@functools.cache  # compiling the templates took ~95 % of a render; they never change in a process
 def _env() -> jinja2.Environment:
     env = jinja2.Environment(loader=jinja2.PackageLoader("evalsuite.report", "templates"), autoescape=True,
                              trim_blocks=True, lstrip_blocks=True, finalize=visible)
@@ -159,7 +166,7 @@ def _numerics(results: dict) -> dict:
 
 def _verdict_reasons(results: dict, name: str) -> list | None:
     num = results.get("numerics")
-    v = (num.get("verdicts") or {}).get(name) if isinstance(num, dict) else None
+    v = obj(obj(num).get("verdicts")).get(name)
     return v.get("reasons") if isinstance(v, dict) and isinstance(v.get("reasons"), list) else None
 
 
