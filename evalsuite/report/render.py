@@ -11,21 +11,17 @@ the "all metrics" table and the "other sections" dump.
 
 from __future__ import annotations
 
-import functools
 import json
-import re
 from pathlib import Path
 from typing import Any
 
-import jinja2
-from markupsafe import Markup
-
-from evalsuite import __version__
 from evalsuite.fmt import fmt, pct, pm
 from evalsuite.fmt import is_number as _finite
 from evalsuite.report import bench as bench_report
 from evalsuite.report import charts
 from evalsuite.report.bench import obj
+from evalsuite.report.html import env as _env
+from evalsuite.report.html import signed
 
 # Top-level keys that have their own section; any other key is shown raw under "other sections".
 KNOWN_KEYS = {"config", "provenance", "model", "corpus", "reference", "dtypes", "noise_floor", "noise_floor_detail",
@@ -41,47 +37,6 @@ SHOWN_METRICS = {"ppl", "ppl_se", "mean_nll", "bits_per_byte", "n_tokens", "n_sc
                  "tokens_per_s", "verdict", "verdict_reason", "verdict_reasons", "weights_overflow",
                  "weights_underflow_frac", "weights_rel_err_max", "min_headroom_bits", "modules_near_overflow",
                  "first_nonfinite_module", "layer_max_error_growth"}
-
-
-def secs(value) -> str:
-    return f"{fmt(value, 3)} s" if _finite(value) else "-"
-
-
-def signed(value, digits: int = 3) -> str:
-    return ("+" if _finite(value) and value > 0 else "") + fmt(value, digits)
-
-
-def _defined(f):
-    """A filter that reads a missing field (jinja2 Undefined) as None, so it shows as '-'."""
-    def wrapped(*args):
-        return f(*(None if isinstance(a, jinja2.Undefined) else a for a in args))
-    return wrapped
-
-
-# Control characters (C0 but tab and newline, DEL, C1) from token strings shown as symbols: raw in
-# HTML they are invalid, and a browser shows nothing or a box where the data held a byte.
-_CONTROL = {**{c: 0x2400 + c for c in range(0x20) if c not in (0x09, 0x0A)}, 0x7F: 0x2421,
-            **{c: f"\\x{c:02x}" for c in range(0x80, 0xA0)}}
-
-
-_HAS_CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f]")  # the keys of _CONTROL: a quick test first
-
-
-def visible(value):
-    """What every `{{ }}` in the templates prints: control characters replaced, Markup kept Markup."""
-    if isinstance(value, str) and _HAS_CONTROL.search(value):
-        shown = value.translate(_CONTROL)
-        return Markup(shown) if isinstance(value, Markup) else shown
-    return value
-
-
-@functools.cache  # compiling the templates took ~95 % of a render; they never change in a process
-def _env() -> jinja2.Environment:
-    env = jinja2.Environment(loader=jinja2.PackageLoader("evalsuite.report", "templates"), autoescape=True,
-                             trim_blocks=True, lstrip_blocks=True, finalize=visible)
-    env.filters.update(fmt=_defined(fmt), pm=_defined(pm), pct=_defined(pct), secs=_defined(secs))
-    env.globals["version"] = __version__
-    return env
 
 
 def _flatten(d: Any, prefix: str = "") -> list[tuple[str, str]]:
