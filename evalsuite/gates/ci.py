@@ -1,4 +1,7 @@
-"""The files a CI system reads from gate outcomes: JUnit XML and a Markdown job summary.
+"""What a user and a CI system read from gate outcomes: the terminal table, JUnit XML, a Markdown summary.
+
+Imports point one way: this module reads `rules`' outcomes; `rules` never imports it (the CLI
+calls `report` here after `rules.evaluate`).
 
 JUnit is the one report format every CI system renders (GitHub, GitLab, Jenkins, Azure): one
 test case per (dtype, gate), a failed gate a <failure>, a skipped dtype a <skipped>; value and
@@ -9,9 +12,46 @@ ElementTree does the escaping. The Markdown is what `$GITHUB_STEP_SUMMARY` shows
 from __future__ import annotations
 
 import xml.etree.ElementTree as ET
+from pathlib import Path
 
-from evalsuite.gates.rules import counts, notes, passed, show, shown, verdict_line
-from evalsuite.report.table import fmt
+from evalsuite.errors import UsageError
+from evalsuite.fmt import fmt
+from evalsuite.gates.measurable import missing
+from evalsuite.gates.rules import GateSet, Outcome, counts, passed
+from evalsuite.store.results import Scalar
+
+
+def show(v: Scalar) -> str:
+    if missing(v):
+        return "NaN"
+    return f'"{v}"' if isinstance(v, str) else fmt(v, 6)
+
+
+def shown(o: Outcome) -> tuple[str, str]:
+    """Value and bound as table cells; a skipped dtype has neither."""
+    return ("-", "-") if o.status == "skipped" else (show(o.value), show(o.bound))
+
+
+def verdict_line(gs: GateSet, outcomes: tuple[Outcome, ...]) -> str:
+    c = counts(outcomes)
+    head = "PASSED" if passed(outcomes) else "FAILED"
+    tail = "; nothing was checked" if not c["pass"] and not c["fail"] else ""
+    return f"gates {head}: {c['pass']} passed, {c['fail']} failed, {c['skipped']} skipped ({gs.source}){tail}"
+
+
+def notes(outcomes: tuple[Outcome, ...]) -> list[str]:
+    """Each distinct detail once (a failed dtype's message would otherwise repeat per gate)."""
+    return list(dict.fromkeys(o.detail for o in outcomes if o.detail))
+
+
+def format_table(gs: GateSet, outcomes: tuple[Outcome, ...]) -> str:
+    """The table `evalsuite gate` prints: one row per (dtype, gate), the notes, then the verdict."""
+    rows = [["dtype", "gate", "value", "bound", "result"]]
+    rows += [[o.dtype, o.gate.text, *shown(o), {"pass": "pass", "fail": "FAIL"}.get(o.status, "skip")] for o in outcomes]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines + notes(outcomes) + [verdict_line(gs, outcomes)])
 
 
 def junit_xml(gs, outcomes) -> str:
@@ -47,3 +87,19 @@ def summary_markdown(gs, outcomes, results) -> str:
               for o in outcomes]
     lines += ([""] + [f"- {cell(n)}" for n in notes(outcomes)]) if notes(outcomes) else []
     return "\n".join(lines) + "\n"
+
+
+def write_text(path: str | Path, text: str, flag: str) -> None:
+    try:
+        Path(path).write_text(text, encoding="utf-8")
+    except OSError as exc:
+        raise UsageError(f"cannot write {flag} {path} ({exc.strerror}); pass a writable path") from None
+
+
+def report(gs, outcomes, results, junit: str | Path | None = None, summary_md: str | Path | None = None) -> None:
+    """Print the gate table; write the JUnit and Markdown files that were asked for."""
+    print(format_table(gs, outcomes))
+    if junit:
+        write_text(junit, junit_xml(gs, outcomes), "--junit")
+    if summary_md:
+        write_text(summary_md, summary_markdown(gs, outcomes, results), "--summary-md")

@@ -2,14 +2,16 @@
 
 A gate file is parsed at the edge into frozen `Gate`s; evaluation reads only `RunResults`, so
 `evalsuite gate results.json` runs on a CI machine without torch or a GPU. Two rules keep a gate
-from passing by accident: a metric the results lack is a configuration error (a typo must not
-pass forever), and a value that is null/NaN/inf never passes. The format is in docs/gates.md.
+from passing by accident: a metric no dtype of the results has is a configuration error (a typo
+must not pass forever), and a value that is not measurable never passes: null/NaN/inf, a metric
+a broken dtype lacks, or a per-task metric over questions that had no answer (`measurable.py`).
+The format is in docs/gates.md; the terminal table, JUnit and Markdown are in `ci.py`, which
+imports this module (never the other way).
 """
 
 from __future__ import annotations
 
 import difflib
-import math
 import operator
 import re
 from dataclasses import dataclass
@@ -22,7 +24,9 @@ except ImportError:  # Python 3.10
     import tomli as tomllib
 
 from evalsuite.errors import EXIT_GATE_FAILED, EXIT_OK, UsageError
-from evalsuite.report.table import fmt
+from evalsuite.fmt import fmt
+from evalsuite.gates.measurable import missing, why_not
+from evalsuite.log import say
 from evalsuite.store.results import DtypeResult, RunResults, Scalar, load_results
 
 OPS = {"<": operator.lt, "<=": operator.le, ">": operator.gt, ">=": operator.ge, "==": operator.eq, "!=": operator.ne}
@@ -181,6 +185,17 @@ def load(spec: str, baseline: str | Path | None = None) -> GateSet:
     return GateSet(name, gates, load_results(base_path), str(base_path))
 
 
+DEFAULT_NOTE = "no --gate given: using the default gates (docs/gates.md)"
+
+
+def load_or_default(spec: str | None, baseline: str | Path | None = None) -> GateSet:
+    """`load(spec)`, or with no gate file the shipped defaults, saying so (`evalsuite gate RESULTS`)."""
+    if spec is None:
+        say(DEFAULT_NOTE)
+        spec = "default"
+    return load(spec, baseline)
+
+
 def check_dtypes(gs: GateSet, names: list[str]) -> None:
     """A gate for a dtype the run does not measure is a configuration error (checked before a run)."""
     for g in gs.gates:
@@ -195,21 +210,26 @@ def evaluate(gs: GateSet, results: RunResults) -> tuple[Outcome, ...]:
     if not any(d.role == "test" for d in results.dtypes.values()) and any(g.dtype is None for g in gs.gates):
         raise UsageError(f"{gs.source}: the results have no test dtype for the all-dtype gates to check; "
                          "run with --dtypes fp16,bf16")
-    return tuple(_check(g, d, gs) for d in results.dtypes.values() for g in gs.gates
+    return tuple(_check(g, d, gs, results) for d in results.dtypes.values() for g in gs.gates
                  if g.dtype == d.name or (g.dtype is None and d.role == "test"))
 
 
-def _check(g: Gate, d: DtypeResult, gs: GateSet) -> Outcome:
+def _check(g: Gate, d: DtypeResult, gs: GateSet, results: RunResults) -> Outcome:
     if d.status == "skipped":
         return Outcome(g, d.name, "skipped", detail=f"{d.name} was skipped: {d.message or 'no reason given'}")
     if d.status == "failed":
         return Outcome(g, d.name, "fail", None, g.operand if g.baseline is None else None,
                        f"{d.name} failed to run, nothing to verify: {d.message}")
     ctx = f"{g.where}: {g.text} on {d.name}"
-    value, bound = _lookup(d.metrics, g.metric, ctx, "results"), _bound(g, d.name, gs, ctx)
-    if _missing(value) or _missing(bound):
-        why = (f"{d.name}: {d.message}" if _missing(value) and d.message else
-               f"{d.name} {g.metric}: the {'value' if _missing(value) else 'baseline value'} is NaN/null, not measurable")
+    present = g.metric in d.metrics
+    unmeasurable = why_not(results, d, g.metric, present)
+    if not present and unmeasurable is None:
+        _lookup(d.metrics, g.metric, ctx, "results")  # a name no dtype has: a typo, raised as such
+    value, bound = d.metrics.get(g.metric), _bound(g, d.name, gs, ctx)
+    if unmeasurable or missing(value) or missing(bound):
+        why = unmeasurable or (f"{d.name}: {d.message}" if missing(value) and d.message else
+                               f"{d.name} {g.metric}: the {'value' if missing(value) else 'baseline value'} "
+                               "is NaN/null, not measurable")
         return Outcome(g, d.name, "fail", value, bound, why)
     kinds = (_kind(value), _kind(bound))
     if kinds[0] != kinds[1]:
@@ -219,7 +239,7 @@ def _check(g: Gate, d: DtypeResult, gs: GateSet) -> Outcome:
         raise UsageError(f"{ctx}: {g.metric} is a {kinds[0]}, which only == and != can compare")
     noise = d.metrics.get(f"noise_{g.metric}")
     note = ""
-    if kinds[0] == "number" and _kind(noise) == "number" and not _missing(noise) and not OPS[g.op](noise, bound):
+    if kinds[0] == "number" and _kind(noise) == "number" and not missing(noise) and not OPS[g.op](noise, bound):
         note = (f"{d.name} {g.metric}: the reference against itself (noise_{g.metric} = {fmt(noise, 6)}) does "
                 "not pass this bound, so it measures noise; loosen it")
     return Outcome(g, d.name, "pass" if OPS[g.op](value, bound) else "fail", value, bound, note)
@@ -241,17 +261,14 @@ def _bound(g: Gate, dtype: str, gs: GateSet, ctx: str) -> Scalar:
     if base is None or base.status in ("skipped", "failed"):
         why = "has no" if base is None else f"{base.status} on"
         raise UsageError(f"{ctx}: the baseline {gs.baseline_source} {why} {dtype}; pass a baseline where {dtype} ran")
+    if g.metric in base.metrics and why_not(gs.baseline, base, g.metric, True):
+        return None  # over questions the baseline could not answer: not measurable, so the gate fails
     b = _lookup(base.metrics, g.metric, ctx, f"baseline {gs.baseline_source}")
-    if not g.baseline or _missing(b):
+    if not g.baseline or missing(b):
         return b
     if _kind(b) != "number":
         raise UsageError(f"{ctx}: the baseline's {g.metric} is {b!r}, not a number; compare it with == or != baseline")
     return _ARITH[g.baseline](b, g.operand)
-
-
-def _missing(v) -> bool:
-    """None is how results.json stores NaN and inf; both mean 'not measurable'."""
-    return v is None or (isinstance(v, float) and not math.isfinite(v))
 
 
 def _kind(v) -> str:
@@ -260,17 +277,6 @@ def _kind(v) -> str:
     if isinstance(v, int | float):
         return "number"
     return "text" if isinstance(v, str) else type(v).__name__
-
-
-def show(v: Scalar) -> str:
-    if _missing(v):
-        return "NaN"
-    return f'"{v}"' if isinstance(v, str) else fmt(v, 6)
-
-
-def shown(o: Outcome) -> tuple[str, str]:
-    """Value and bound as table cells; a skipped dtype has neither."""
-    return ("-", "-") if o.status == "skipped" else (show(o.value), show(o.bound))
 
 
 def passed(outcomes: tuple[Outcome, ...]) -> bool:
@@ -286,27 +292,6 @@ def counts(outcomes: tuple[Outcome, ...]) -> dict[str, int]:
     return {s: sum(o.status == s for o in outcomes) for s in ("pass", "fail", "skipped")}
 
 
-def verdict_line(gs: GateSet, outcomes: tuple[Outcome, ...]) -> str:
-    c = counts(outcomes)
-    head = "PASSED" if passed(outcomes) else "FAILED"
-    tail = "; nothing was checked" if not c["pass"] and not c["fail"] else ""
-    return f"gates {head}: {c['pass']} passed, {c['fail']} failed, {c['skipped']} skipped ({gs.source}){tail}"
-
-
-def notes(outcomes: tuple[Outcome, ...]) -> list[str]:
-    """Each distinct detail once (a failed dtype's message would otherwise repeat per gate)."""
-    return list(dict.fromkeys(o.detail for o in outcomes if o.detail))
-
-
-def format_table(gs: GateSet, outcomes: tuple[Outcome, ...]) -> str:
-    rows = [["dtype", "gate", "value", "bound", "result"]]
-    rows += [[o.dtype, o.gate.text, *shown(o), {"pass": "pass", "fail": "FAIL"}.get(o.status, "skip")] for o in outcomes]
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines + notes(outcomes) + [verdict_line(gs, outcomes)])
-
-
 def section(gs: GateSet, outcomes: tuple[Outcome, ...]) -> dict:
     """The `gates` key of results.json (non-finite values become null when written)."""
     return {
@@ -315,22 +300,3 @@ def section(gs: GateSet, outcomes: tuple[Outcome, ...]) -> dict:
                       "rhs": o.gate.rhs, "value": o.value, "bound": o.bound, "status": o.status, "detail": o.detail}
                      for o in outcomes],
     }
-
-
-def write_text(path: str | Path, text: str, flag: str) -> None:
-    try:
-        Path(path).write_text(text, encoding="utf-8")
-    except OSError as exc:
-        raise UsageError(f"cannot write {flag} {path} ({exc.strerror}); pass a writable path") from None
-
-
-def report(gs: GateSet, outcomes: tuple[Outcome, ...], results: RunResults,
-           junit: str | Path | None = None, summary_md: str | Path | None = None) -> None:
-    """Print the gate table; write the JUnit and Markdown files that were asked for."""
-    from evalsuite.gates.ci import junit_xml, summary_markdown
-
-    print(format_table(gs, outcomes))
-    if junit:
-        write_text(junit, junit_xml(gs, outcomes), "--junit")
-    if summary_md:
-        write_text(summary_md, summary_markdown(gs, outcomes, results), "--summary-md")

@@ -7,11 +7,17 @@ shows as '-'. The strings go to jinja2 with autoescape on, so question text from
 
 from __future__ import annotations
 
-from evalsuite.report.table import fmt, is_number, pct, pm
+from evalsuite.fmt import fmt, is_number, pct, pm
 
 # Metric names the benchmark view shows; the report's "more metrics" table leaves them out.
 METRIC_PREFIXES = ("acc/", "acc_se/", "delta_acc/", "delta_acc_ci_low/", "delta_acc_ci_high/", "flips/",
-                   "mcnemar_p/", "choice_kl/", "choice_agreement/", "bench_questions_per_s")
+                   "mcnemar_p/", "choice_kl/", "choice_agreement/", "bench_questions_per_s", "bench_nonfinite/")
+NONFINITE = "bench_nonfinite/"  # + task: questions whose log-likelihoods at that dtype are not finite
+
+
+def obj(v) -> dict:
+    """`v` if it is a JSON object, else {}: a damaged file's wrong type reads as a missing part."""
+    return v if isinstance(v, dict) else {}
 
 
 def _pp(v) -> str:
@@ -66,17 +72,47 @@ def _flipped(items, limit: int = 10_000) -> list[dict]:
     return out
 
 
+def _no_answer(f: dict) -> bool:
+    """A flip between answers one side never gave: some log-likelihood of its choices is not finite."""
+    lls = [f.get("reference_loglik"), f.get("test_loglik")]
+    return any(isinstance(ll, list) and not all(is_number(x) for x in ll) for ll in lls)
+
+
 def _flips(items, total) -> dict:
-    rows = _flipped(items)
-    total = total if isinstance(total, int) else len(rows)
-    return {"rows": rows, "total": fmt(total), "cut": len(rows) < total}
+    """The flips worth reading, one by one; those without an answer collapse into a count (a broken
+    dtype's would otherwise fill the report with rows of first choices and '-' log-likelihoods)."""
+    items = [f for f in items if isinstance(f, dict)] if isinstance(items, list) else []
+    answered = [f for f in items if not _no_answer(f)]
+    rows = _flipped(answered)
+    total = total if isinstance(total, int) and not isinstance(total, bool) else len(items)
+    return {"rows": rows, "total": fmt(total), "no_answer": len(items) - len(answered),
+            "cut": len(rows) + len(items) - len(answered) < total}
+
+
+def _unanswerable(results: dict, rows: list, names: list[str]) -> list[dict]:
+    """One entry per (dtype, task) with questions that had no answer: `bench_nonfinite/<task>`, or in
+    results written before that metric, the task row's `nonfinite` count."""
+    dtypes = results.get("dtypes") if isinstance(results.get("dtypes"), dict) else {}
+    tasks = {str(r.get("task")): r for r in rows if isinstance(r, dict) and r.get("subject") is None}
+    out = []
+    for n in names:
+        m = (dtypes.get(n) or {}).get("metrics") if isinstance(dtypes.get(n), dict) else None
+        m = m if isinstance(m, dict) else {}
+        for task, row in tasks.items():
+            k = m.get(NONFINITE + task)
+            if not is_number(k):
+                a = ((row.get("acc") if isinstance(row.get("acc"), dict) else {}).get(n))
+                k = a.get("nonfinite") if isinstance(a, dict) else None
+            if is_number(k) and k > 0:
+                out.append({"dtype": n, "task": task, "count": fmt(int(k)), "n": fmt(row.get("n"))})
+    return out
 
 
 def _count(rows: list, names: list[str], key: str) -> dict[str, int]:
     """A per-dtype count summed over the whole-task rows (subjects are part of them)."""
     out = {}
     for n in names:
-        values = [((r.get("acc") or {}).get(n) or {}).get(key) for r in rows
+        values = [obj(obj(r.get("acc")).get(n)).get(key) for r in rows
                   if isinstance(r, dict) and r.get("subject") is None]
         out[n] = sum(int(v) for v in values if isinstance(v, int | float) and not isinstance(v, bool))
     return out
@@ -102,7 +138,7 @@ def context(results: dict) -> dict:
     b = results.get("benchmarks")
     if not isinstance(b, dict) or not isinstance(b.get("rows"), list):
         return {}
-    names = [str(n) for n in b.get("dtypes") or []]
+    names = [str(n) for n in b.get("dtypes")] if isinstance(b.get("dtypes"), list) else []
     ref = b.get("reference")
     tests = [n for n in names if n != ref]
     rows = [_row(r, tests, names) for r in b["rows"] if isinstance(r, dict)]
@@ -116,6 +152,6 @@ def context(results: dict) -> dict:
         "records_file": str(b.get("records_file") or ""),
         "settings": [(str(k), fmt(v) if not isinstance(v, str) else v) for k, v in settings.items()],
         "speed": _speed(timing),
-        "ties": _count(b["rows"], names, "tied_top"), "nonfinite": _count(b["rows"], names, "nonfinite"),
+        "ties": _count(b["rows"], names, "tied_top"), "unanswerable": _unanswerable(results, b["rows"], names),
         "failed": [(str(k), str(v)) for k, v in (b.get("failed") or {}).items()] if isinstance(b.get("failed"), dict) else [],
     }

@@ -14,7 +14,7 @@ from collections.abc import Collection, Sequence
 
 from markupsafe import Markup, escape
 
-from evalsuite.report.table import is_number as _finite
+from evalsuite.fmt import is_number as _finite
 
 # Okabe-Ito: distinguishable with the common colour-vision deficiencies.
 PALETTE = ("#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#000000")
@@ -32,7 +32,9 @@ def _tick_label(v: float) -> str:
 
 def log_ticks(lo: float, hi: float) -> list[tuple[float, str]]:
     """Decade ticks (10ⁿ) enclosing [lo, hi]; every k-th decade when the span is wide (≤ 8 ticks)."""
-    a, b = max(math.floor(math.log10(lo)), -300), min(math.ceil(math.log10(hi)), 300)  # 10.0**309 overflows
+    # within 10^±200, so that even the widest step (29 decades) stays below 10.0**309, which overflows;
+    # a value beyond is drawn at the plot's edge (the axis clamps)
+    a, b = (min(max(e, -200), 200) for e in (math.floor(math.log10(lo)), math.ceil(math.log10(hi))))
     b = max(b, a + 1)
     step = max(1, math.ceil((b - a) / 7))
     return [(10.0**k, "10" + str(k).translate(_SUPERSCRIPT)) for k in range(a, b + step, step)]
@@ -40,6 +42,7 @@ def log_ticks(lo: float, hi: float) -> list[tuple[float, str]]:
 
 def linear_ticks(lo: float, hi: float, target: int = 5) -> list[tuple[float, str]]:
     """'Nice' ticks (1, 2, 5 × 10ⁿ) covering [lo, hi]."""
+    lo, hi = (min(max(v, -1e300), 1e300) for v in (lo, hi))  # hi - lo must stay finite; beyond, the axis clamps
     if hi <= lo:
         hi = lo + (abs(lo) or 1.0)
     raw = (hi - lo) / target
@@ -155,7 +158,7 @@ def kl_density_chart(histograms: dict[str, dict], noise_kl_max: float | None = N
     for name, h in histograms.items():
         if not _valid_histogram(h):
             continue
-        total = sum(h["counts"]) + int(h.get("n_zero") or 0)
+        total = sum(h["counts"]) + (int(h["n_zero"]) if _finite(h.get("n_zero")) else 0)
         pts = []
         for lo, hi, c in zip(h["edges"], h["edges"][1:], h["counts"], strict=False):
             if lo <= 0 or hi <= lo:
@@ -178,7 +181,7 @@ def kl_tail_chart(histograms: dict[str, dict], noise_kl_max: float | None = None
     for name, h in histograms.items():
         if not _valid_histogram(h):
             continue
-        total = sum(h["counts"]) + int(h.get("n_zero") or 0)
+        total = sum(h["counts"]) + (int(h["n_zero"]) if _finite(h.get("n_zero")) else 0)
         above, pts = sum(h["counts"]), []
         for edge, c in zip(h["edges"], h["counts"], strict=False):
             if above > 0:

@@ -15,13 +15,13 @@ import json
 from pathlib import Path
 from typing import Any
 
-import jinja2
-
-from evalsuite import __version__
+from evalsuite.fmt import fmt, pct, pm
+from evalsuite.fmt import is_number as _finite
 from evalsuite.report import bench as bench_report
 from evalsuite.report import charts
-from evalsuite.report.table import fmt, pct, pm
-from evalsuite.report.table import is_number as _finite
+from evalsuite.report.bench import obj
+from evalsuite.report.html import env as _env
+from evalsuite.report.html import signed
 
 # Top-level keys that have their own section; any other key is shown raw under "other sections".
 KNOWN_KEYS = {"config", "provenance", "model", "corpus", "reference", "dtypes", "noise_floor", "noise_floor_detail",
@@ -37,29 +37,6 @@ SHOWN_METRICS = {"ppl", "ppl_se", "mean_nll", "bits_per_byte", "n_tokens", "n_sc
                  "tokens_per_s", "verdict", "verdict_reason", "verdict_reasons", "weights_overflow",
                  "weights_underflow_frac", "weights_rel_err_max", "min_headroom_bits", "modules_near_overflow",
                  "first_nonfinite_module", "layer_max_error_growth"}
-
-
-def secs(value) -> str:
-    return f"{fmt(value, 3)} s" if _finite(value) else "-"
-
-
-def signed(value, digits: int = 3) -> str:
-    return ("+" if _finite(value) and value > 0 else "") + fmt(value, digits)
-
-
-def _defined(f):
-    """A filter that reads a missing field (jinja2 Undefined) as None, so it shows as '-'."""
-    def wrapped(*args):
-        return f(*(None if isinstance(a, jinja2.Undefined) else a for a in args))
-    return wrapped
-
-
-def _env() -> jinja2.Environment:
-    env = jinja2.Environment(loader=jinja2.PackageLoader("evalsuite.report", "templates"), autoescape=True,
-                             trim_blocks=True, lstrip_blocks=True)
-    env.filters.update(fmt=_defined(fmt), pm=_defined(pm), pct=_defined(pct), secs=_defined(secs))
-    env.globals["version"] = __version__
-    return env
 
 
 def _flatten(d: Any, prefix: str = "") -> list[tuple[str, str]]:
@@ -144,7 +121,7 @@ def _numerics(results: dict) -> dict:
 
 def _verdict_reasons(results: dict, name: str) -> list | None:
     num = results.get("numerics")
-    v = (num.get("verdicts") or {}).get(name) if isinstance(num, dict) else None
+    v = obj(obj(num).get("verdicts")).get(name)
     return v.get("reasons") if isinstance(v, dict) and isinstance(v.get("reasons"), list) else None
 
 
@@ -227,11 +204,11 @@ def _all_metrics(dtypes: dict, only_unknown: bool = False) -> list[tuple[str, li
 
 
 def _title(model: dict) -> str:
-    if model.get("is_demo"):
-        from evalsuite.model.demo import DEMO_NAME  # a constant; importing demo loads no model
-
-        return f"{DEMO_NAME}, the embedded default model"
-    return str(model.get("source") or "unknown model")
+    """The model as results.json names it; the report needs no model package to say which it was."""
+    source = str(model.get("source") or "unknown model")
+    if model.get("is_demo") is True:  # source is then the cached conversion's directory
+        return f"{model.get('name') or Path(source).name}, the embedded default model"
+    return source
 
 
 def _other_sections(results: dict) -> list[tuple[str, str]]:

@@ -2,39 +2,7 @@
 
 from __future__ import annotations
 
-import math
-
-
-def fmt(value, digits: int = 4) -> str:
-    """A number with `digits` significant digits; '-' for missing or non-finite values."""
-    if value is None or (isinstance(value, float) and not math.isfinite(value)):
-        return "-"
-    if isinstance(value, bool):
-        return "yes" if value else "no"
-    if isinstance(value, int):
-        return f"{value:,}"
-    if value == 0:
-        return "0"
-    if 1e-3 <= abs(value) < 1e5:
-        return f"{value:.{digits}g}"
-    return f"{value:.{max(1, digits - 1)}e}"
-
-
-def is_number(value) -> bool:
-    """A finite int or float (not a bool): what can be plotted or formatted as a number."""
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def pct(value, digits: int = 4) -> str:
-    """A fraction as a percentage ('99.57 %'); '-' when missing."""
-    return f"{fmt(value * 100, digits)} %" if is_number(value) else "-"
-
-
-def pm(value, se, digits: int = 4) -> str:
-    if se is None or (isinstance(se, float) and not math.isfinite(se)):
-        return fmt(value, digits)
-    return f"{fmt(value, digits)} ± {fmt(se, 2)}"
-
+from evalsuite.fmt import fmt, pm
 
 COLUMNS = [
     ("dtype", lambda n, d: n),
@@ -46,7 +14,7 @@ COLUMNS = [
     ("KL p99", lambda n, d: fmt(d["metrics"].get("kl_p99"), 3)),
     ("top-1", lambda n, d: fmt(d["metrics"].get("top1_agreement"), 4)),
     ("Δp rms", lambda n, d: fmt(d["metrics"].get("delta_p_rms"), 3)),
-    ("non-finite", lambda n, d: fmt(d["metrics"].get("nonfinite_logits"))),
+    ("non-finite tok", lambda n, d: fmt(d["metrics"].get("nonfinite_tokens"))),
     ("tok/s", lambda n, d: fmt(d["metrics"].get("tokens_per_s"), 3)),
 ]
 

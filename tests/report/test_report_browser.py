@@ -26,6 +26,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parents[1]))
 
 from test_report import HOSTILE, make_results  # noqa: E402
+from test_report_reliability import wide_results  # noqa: E402
 
 from evalsuite.report.render import render_compare, render_report  # noqa: E402
 
@@ -277,3 +278,50 @@ def test_example_report_in_browser(browser):
     assert browser.problems(url) == []
     assert browser.js("document.querySelectorAll('svg.chart').length") == 2
     assert_not_blank(browser.screenshot(scale=0.25))
+
+
+OVERFLOWING = ("[...document.querySelectorAll('section .scroll')].filter(e => e.scrollWidth > e.clientWidth + 1)"
+               ".map(e => e.closest('section').id)")
+
+
+def test_wide_tables_fit_1280_and_scroll_in_their_box_on_a_phone(browser, tmp_path):
+    """Numerics and benchmark comparison tables are read whole at 1280 px; on a phone they scroll
+    inside their box (overflow-x auto), and the page itself never scrolls sideways."""
+    url = _page(tmp_path, render_report(wide_results()))
+    browser.open(url, 1280, 900)
+    assert browser.problems(url) == []
+    assert browser.js("document.getElementById('numerics') !== null && document.getElementById('benchmarks') !== null")
+    assert browser.js(OVERFLOWING) == []
+    _keep("wide-1280.png", browser.screenshot(full_page=True))
+    browser.open(url, 390, 844, True)
+    assert browser.js("document.documentElement.scrollWidth") <= 390
+    cut = browser.js(OVERFLOWING)
+    assert {"numerics", "benchmarks"} <= set(cut)  # too wide for a phone: scrolled, so none is cut off
+    assert browser.js("[...document.querySelectorAll('section .scroll')].every(e => "
+                      "getComputedStyle(e).overflowX === 'auto')")
+
+
+def _cjk_families() -> set[str]:
+    try:
+        out = subprocess.run(["fc-list", ":lang=zh", "family"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return set()
+    return {f.strip() for line in out.splitlines() for f in line.split(",")}
+
+
+STACK = ("Noto Sans CJK SC", "PingFang SC", "Microsoft YaHei", "Source Han Sans SC")
+
+
+@pytest.mark.skipif(not set(STACK) & _cjk_families(), reason="no CJK font of the report's stack installed "
+                    "(Debian: apt-get install -y fonts-noto-cjk)")
+def test_chinese_is_drawn_with_a_cjk_font(browser, tmp_path):
+    """The worst-token context is Chinese: Chromium draws it with a CJK family from the stack (not
+    a Latin font's empty boxes, nor a Japanese variant picked by fallback)."""
+    url = _page(tmp_path, render_report(make_results()))
+    browser.open(url, 1280, 900)
+    browser.call("DOM.enable", page=True)
+    browser.call("CSS.enable", page=True)
+    root = browser.call("DOM.getDocument", page=True)["root"]["nodeId"]
+    node = browser.call("DOM.querySelector", {"nodeId": root, "selector": "td.ctx"}, page=True)["nodeId"]
+    fonts = browser.call("CSS.getPlatformFontsForNode", {"nodeId": node}, page=True)["fonts"]
+    assert any(f["familyName"] in STACK and f["glyphCount"] > 0 for f in fonts), fonts
