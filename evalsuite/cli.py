@@ -132,14 +132,13 @@ OBSERVER_FILES = ("benchmarks.jsonl", "generations.jsonl")  # files observers ma
 def _write_outputs(out_dir: Path, output) -> None:
     """results.json, report.html, per_token.npz and the observers' files, each atomically; files of
     another run that this one did not write are removed, so the directory holds one run."""
-    import numpy as np
-
     from evalsuite.report.render import render_report, write_report
-    from evalsuite.store.results import atomic_write, atomic_write_text, compact, write_results
+    from evalsuite.store.per_token import write_per_token
+    from evalsuite.store.results import atomic_write_text, write_results
 
     write_results(out_dir / "results.json", output.results)
     write_report(out_dir / "report.html", render_report(output.results.to_dict()))
-    atomic_write(out_dir / "per_token.npz", lambda fh: np.savez(fh, **compact(output.per_token)))
+    write_per_token(out_dir / "per_token.npz", output.per_token)
     for name, text in output.files.items():
         atomic_write_text(out_dir / name, text)
     for name in OBSERVER_FILES:
@@ -172,6 +171,7 @@ def _finish_run(args: argparse.Namespace, cfg, gate_set, output) -> int:
 def _gate_run(args: argparse.Namespace, cfg, gate_set, results) -> int:
     from dataclasses import replace
 
+    from evalsuite.gates import ci
     from evalsuite.gates import rules as gates
     from evalsuite.report.render import render_report, write_report
     from evalsuite.store.results import write_results
@@ -180,7 +180,7 @@ def _gate_run(args: argparse.Namespace, cfg, gate_set, results) -> int:
     gated = replace(results, sections={**results.sections, "gates": gates.section(gate_set, outcomes)})
     write_results(cfg.out_dir / "results.json", gated)
     write_report(cfg.out_dir / "report.html", render_report(gated.to_dict()))  # now with the gates
-    gates.report(gate_set, outcomes, results, args.junit, args.summary_md)
+    ci.report(gate_set, outcomes, results, args.junit, args.summary_md)
     return gates.exit_code(outcomes)
 
 
@@ -200,17 +200,14 @@ def _load_gates(args: argparse.Namespace, dtype_names: list[str] | None = None):
 
 
 def cmd_gate(args: argparse.Namespace) -> int:
+    from evalsuite.gates import ci
     from evalsuite.gates import rules as gates
-    from evalsuite.log import say
     from evalsuite.store.results import load_results
 
-    if args.gate is None:
-        say("no --gate given: using the default gates (docs/gates.md)")
-        args.gate = "default"
-    gate_set = _load_gates(args)
+    gate_set = gates.load_or_default(args.gate, args.baseline)
     results = load_results(gates.results_path(args.results))
     outcomes = gates.evaluate(gate_set, results)
-    gates.report(gate_set, outcomes, results, args.junit, args.summary_md)
+    ci.report(gate_set, outcomes, results, args.junit, args.summary_md)
     return gates.exit_code(outcomes)
 
 

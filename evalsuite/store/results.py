@@ -15,12 +15,9 @@ import os
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from evalsuite.errors import ResultsError
-
-if TYPE_CHECKING:
-    import numpy as np
 
 SCHEMA_VERSION = 1
 
@@ -201,17 +198,3 @@ def load_results(path: Path) -> RunResults:
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ResultsError(f"results file {path} is not valid JSON ({exc}); it may be truncated") from exc
     return from_dict(data, f"results file {path}")
-
-
-def compact(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Per-token arrays for per_token.npz: int64 arrays whose values fit become int32.
-
-    Why not np.savez_compressed: deflating 262,144 tokens' arrays took 1.35 s on a 2-core CPU
-    (uncompressed: 0.03 s) for a file half the size; the float64 statistics barely compress.
-    """
-    import numpy as np  # here, not at the top: `evalsuite report` reads results without numpy
-
-    def fits(a: np.ndarray) -> bool:
-        return a.dtype == np.int64 and (a.size == 0 or (int(a.min()) >= -(2**31) and int(a.max()) < 2**31))
-
-    return {k: a.astype(np.int32) if fits(a) else a for k, a in arrays.items()}

@@ -163,7 +163,7 @@ def test_speed_in_metrics_section_and_report(tiny_llama, tmp_path, monkeypatch):
 
 
 def test_report_shows_a_halved_batch_size():
-    from test_report import make_results
+    from sample_results import make_results
 
     r = make_results()
     r["benchmarks"] = {"tasks": ["t"], "reference": "fp32", "dtypes": ["fp32"], "rows": [],

@@ -379,7 +379,7 @@ def test_default_is_zh_mc_and_none_skips(tiny_llama, tmp_path):
 
 
 def test_report_escapes_flipped_questions():
-    from test_report import make_results
+    from sample_results import make_results
 
     hostile = "<script>alert(1)</script>"
     r = make_results()

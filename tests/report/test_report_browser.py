@@ -25,7 +25,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parents[1]))
 
-from test_report import HOSTILE, make_results  # noqa: E402
+from sample_results import HOSTILE, make_results  # noqa: E402
 from test_report_reliability import wide_results  # noqa: E402
 
 from evalsuite.report.render import render_compare, render_report  # noqa: E402

@@ -12,9 +12,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).parents[1]))
 
-from test_report import make_results  # noqa: E402
+from sample_results import make_results  # noqa: E402
 
 from evalsuite.report.render import render_report  # noqa: E402
 from evalsuite.report.table import format_table  # noqa: E402
@@ -179,7 +179,7 @@ def test_reading_results_pulls_no_framework_and_no_upper_layer(tmp_path):
     """Rendering a demo run's report and gating it load no numpy/torch/transformers, nor the model,
     passes, metrics, numerics, bench or config modules (the report's title reads results.json)."""
     code = (
-        "import sys, json; sys.path.insert(0, sys.argv[1]); from test_report import make_results\n"
+        "import sys, json; sys.path.insert(0, sys.argv[1]); from sample_results import make_results\n"
         "from evalsuite.report.render import render_report\n"
         "from evalsuite.gates import ci, rules\n"
         "from evalsuite.store.results import from_dict\n"
@@ -190,4 +190,4 @@ def test_reading_results_pulls_no_framework_and_no_upper_layer(tmp_path):
         "m.startswith(('evalsuite.passes', 'evalsuite.model', 'evalsuite.metrics', 'evalsuite.numerics', "
         "'evalsuite.bench', 'evalsuite.config'))]\n"
         "assert not bad, bad\n")
-    subprocess.run([sys.executable, "-c", code, str(Path(__file__).parent)], check=True, timeout=120)
+    subprocess.run([sys.executable, "-c", code, str(Path(__file__).parents[1])], check=True, timeout=120)
