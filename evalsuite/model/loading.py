@@ -46,18 +46,6 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0][:300] if text else type(exc).__name__
 
 
-def check_model_source(source: str) -> None:
-    """Fail fast, before any long work, on a local path that cannot be a checkpoint."""
-    path = Path(source).expanduser()
-    looks_local = source.startswith((".", "/", "~")) or path.exists()
-    if not looks_local:
-        return  # a hub id: resolved (or refused) by from_pretrained
-    if not path.exists():
-        raise ModelLoadError(f"model path {source} does not exist; pass a checkpoint directory or a Hugging Face id")
-    if not path.is_dir() or not (path / "config.json").is_file():
-        raise ModelLoadError(f"{source} has no config.json; pass the directory written by save_pretrained")
-
-
 def hidden_size(source: str, trust_remote_code: bool = False) -> int | None:
     """The decoder's width from the checkpoint's config (None where it cannot be read): sizes batches."""
     _quiet_transformers()

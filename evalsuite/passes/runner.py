@@ -22,8 +22,9 @@ from evalsuite.metrics import kernels
 from evalsuite.metrics.registry import PER_TOKEN_FILE
 from evalsuite.metrics.summary import build_results
 from evalsuite.model.forward import auto_batch_size
-from evalsuite.model.loading import check_model_source, hidden_size, load_tokenizer, stored_dtype
+from evalsuite.model.loading import hidden_size, load_tokenizer, stored_dtype
 from evalsuite.model.precision import Precision, unsupported_reason
+from evalsuite.model.source import check_model_source, max_positions
 from evalsuite.passes import distributed
 from evalsuite.passes.loop import Loop, Plan, Stores
 from evalsuite.passes.observers import Observer
@@ -37,6 +38,7 @@ __all__ = ["run", "noise_budget"]
 
 NOISE_SHARE = 8  # a large run's noise-floor pass re-scores at most 1/NOISE_SHARE of its tokens ...
 NOISE_MIN = 4096  # ... but a small run's up to this many (it is cheap there)
+SMALL_RUN = 256  # fewer scored tokens than this is said: the figures are too noisy to compare dtypes
 
 
 def noise_budget(requested: int, n_tokens: int, world: int = 1) -> int:
@@ -111,6 +113,10 @@ def setup(cfg: RunConfig, source: str, dist, timing: dict) -> Setup:
     torch.manual_seed(cfg.seed)
     device = resolve_device(device_name)
     check_model_source(source)
+    limit = max_positions(source)
+    if limit is not None and cfg.seq_len + 1 > limit:  # a window is seq_len tokens plus one of context
+        raise UsageError(f"--seq-len {cfg.seq_len} needs {cfg.seq_len + 1} positions but {source} has "
+                         f"max_position_embeddings {limit}: use --seq-len {limit - 1} or less")
     tokenizer = load_tokenizer(source, cfg.trust_remote_code)
     t0 = time.perf_counter()
     texts, corpus_identity = corpus_mod.load_texts(cfg.corpus)
@@ -118,6 +124,10 @@ def setup(cfg: RunConfig, source: str, dist, timing: dict) -> Setup:
     timing["tokenize_s"] = round(time.perf_counter() - t0, 3)
     say(f"{windows.n_tokens} tokens in {len(windows.windows)} windows of up to {cfg.seq_len} "
         f"({windows.context} context)")
+    if windows.n_tokens < SMALL_RUN:
+        say(f"only {windows.n_tokens} tokens are scored: every figure will carry a wide standard error")
+    if cfg.noise_tokens == 0:
+        say("--noise-tokens 0: no noise floor is measured, so no divergence figure has a floor to stand against")
     tests, skipped = runnable(cfg, device)
     return Setup(cfg, source, device, tokenizer, windows, corpus_identity, tests, skipped, dist)
 
@@ -127,11 +137,14 @@ def runnable(cfg: RunConfig, device: torch.device) -> tuple[tuple[Precision, ...
     tests: list[Precision] = []
     skipped: dict[str, str] = {}
     for p in cfg.dtypes:
+        if p == cfg.reference or p in tests:
+            say(f"{p.name} is " + ("the reference" if p == cfg.reference else "given twice") + ": run once")
+            continue
         reason = unsupported_reason(p, device)
         if reason:
             skipped[p.name] = f"skipped: {reason}"
             say(f"{p.name} {skipped[p.name]}; the other dtypes go on")
-        elif p != cfg.reference and p not in tests:
+        else:
             tests.append(p)
     ref_reason = unsupported_reason(cfg.reference, device)
     if ref_reason:
@@ -225,6 +238,11 @@ def cache_status(loop: Loop, info: dict) -> dict:
         info["problem"] = cache.problem
     if loop.cached_reference:
         say(f"reference {loop.cfg.reference.name} read from the cache {cache.dir} (no reference pass)")
+    elif info["status"] == "stored":
+        size = sum(f.stat().st_size for f in cache.dir.rglob("*") if f.is_file())
+        info["entry_gib"] = round(size / 2**30, 3)
+        say(f"reference kept for reuse in {cache.dir} ({size / 2**30:.2f} GiB; the cache keeps at most "
+            f"{loop.cfg.reference_cache_gib:g} GiB: --reference-cache-gib, --no-reference-cache)")
     return info
 
 

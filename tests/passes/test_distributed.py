@@ -91,7 +91,7 @@ def test_numerics_and_benchmarks_merge_every_rank(runs):
 def test_only_rank_zero_writes_and_the_state_is_removed(runs):
     _, two, proc = runs
     assert not (two / ".state").exists()
-    assert proc.stderr.count("results written to") == 1
+    assert proc.stderr.count("evalsuite: results: ") == 1
 
 
 def test_share_splits_every_window_once():
