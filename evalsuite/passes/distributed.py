@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from evalsuite.errors import EvalsuiteError, UsageError
+from evalsuite.passes.scoring import PassContext, TokenArrays, restore_observers
 
 # A rank that finishes first waits in the gather for the slowest one: that can be hours on a
 # 70B reference. The timeout only has to catch a rank that died.
@@ -113,3 +114,47 @@ def check_errors(payloads: list[dict]) -> None:
         err = EvalsuiteError(f"rank {rank}: {message}")
         err.exit_code = code
         raise err
+
+
+# --- a run's passes, gathered to rank 0 (passes/runner.py) ---------------------------------
+
+def gather_run(dist: Dist, loop, error, windows) -> bool:
+    """Every rank's arrays and findings to rank 0; True on rank 0 (which goes on to the results)."""
+    parts = gather(dist, {"error": error, **_payload(loop)})
+    finish(dist)
+    if dist.rank != 0:
+        if error is not None:
+            raise EvalsuiteError(error[1])
+        return False
+    check_errors(parts)
+    _merge(loop, parts, windows)
+    loop.prov.data_parallel = {"world_size": dist.world, "gather": "gloo",
+                               "tokens_per_rank": [p["n_tokens"] for p in parts]}
+    return True
+
+
+def _payload(loop) -> dict:
+    """What a rank sends to rank 0: its per-token arrays and its observers' findings."""
+    return {"n_tokens": loop.windows.n_tokens, "ref": loop.ref, "noise": loop.noise, "arrays": loop.arrays,
+            "failed": loop.failed, "resumed": sorted(loop.resumed), "snapshots": loop.collected or [],
+            "cached_reference": loop.cached_reference}
+
+
+def _merge(loop, parts: list[dict], windows) -> None:
+    """Rank 0: the whole corpus's arrays in window order, and every rank's findings in its observers."""
+    loop.ref = concat_arrays([p["ref"] for p in parts], TokenArrays)
+    noises = [p["noise"] for p in parts if p["noise"] is not None]
+    loop.noise = concat_arrays(noises, TokenArrays) if noises else None
+    for name in list(loop.arrays):
+        loop.arrays[name] = concat_arrays([p["arrays"][name] for p in parts], TokenArrays)
+    by_name = {p.name: p for p in (loop.cfg.reference, *loop.tests)}
+    for p in parts[1:]:
+        for name, msg in p["failed"].items():
+            loop.failed.setdefault(name, msg)
+        loop.resumed.update(p["resumed"])
+        loop.cached_reference = loop.cached_reference and p["cached_reference"]
+        for name, role, seg, snaps in p["snapshots"]:
+            ctx = PassContext(by_name[name], role, None, loop.tokenizer, loop.device, loop.cfg, windows, seg,
+                              (0, 0, 0), loop.batch)
+            restore_observers(loop.observers, ctx, snaps)
+    loop.windows = windows

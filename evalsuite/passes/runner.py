@@ -28,7 +28,6 @@ from evalsuite.model.source import check_model_source, max_positions
 from evalsuite.passes import distributed
 from evalsuite.passes.loop import Loop, Plan, Stores
 from evalsuite.passes.observers import Observer
-from evalsuite.passes.scoring import PassContext, TokenArrays, restore_observers
 from evalsuite.store import corpus as corpus_mod
 from evalsuite.store.logits import BackgroundWriter
 from evalsuite.store.refcache import ReferenceCache, cache_fields, checkpoint_digest, tokens_digest
@@ -86,7 +85,7 @@ def run(cfg: RunConfig, source: str, observers: tuple[Observer, ...] = (), resum
         loop = Loop(plan, stores, observers, collect_snapshots=dist is not None and dist.rank != 0)
         error = run_passes(loop, dist is not None, timing)
         cache_info = cache_status(loop, cache_info)
-        if dist is not None and not gather(s, loop, error):
+        if dist is not None and not distributed.gather_run(s.dist, loop, error, s.windows):
             return None
         if loop.resumed:  # (a reference read from the cache is reported as a cache hit above)
             say(f"resumed: reused the saved {', '.join(sorted(loop.resumed))} passes")
@@ -246,21 +245,6 @@ def cache_status(loop: Loop, info: dict) -> dict:
     return info
 
 
-def gather(s: Setup, loop: Loop, error) -> bool:
-    """Every rank's arrays and findings to rank 0; True on rank 0 (which goes on to the results)."""
-    parts = distributed.gather(s.dist, {"error": error, **_payload(loop)})
-    distributed.finish(s.dist)
-    if s.dist.rank != 0:
-        if error is not None:
-            raise EvalsuiteError(error[1])
-        return False
-    distributed.check_errors(parts)
-    _merge(loop, parts, s.windows)
-    loop.prov.data_parallel = {"world_size": s.dist.world, "gather": "gloo",
-                               "tokens_per_rank": [p["n_tokens"] for p in parts]}
-    return True
-
-
 def summarize(s: Setup, loop: Loop, observers, cache_info: dict, timing: dict) -> RunOutput:
     """The metrics, then each observer's additions, files and failures."""
     prov = loop.prov
@@ -305,30 +289,3 @@ class RunOutput:
 def observer_part(obs) -> str:
     """The part of a run an observer measures, as failures name it ("benchmarks", "numerics")."""
     return getattr(obs, "part", None) or type(obs).__name__.removesuffix("Observer").lower() or "observer"
-
-
-def _payload(loop: Loop) -> dict:
-    """What a rank sends to rank 0: its per-token arrays and its observers' findings."""
-    return {"n_tokens": loop.windows.n_tokens, "ref": loop.ref, "noise": loop.noise, "arrays": loop.arrays,
-            "failed": loop.failed, "resumed": sorted(loop.resumed), "snapshots": loop.collected or [],
-            "cached_reference": loop.cached_reference}
-
-
-def _merge(loop: Loop, parts: list[dict], windows) -> None:
-    """Rank 0: the whole corpus's arrays in window order, and every rank's findings in its observers."""
-    loop.ref = distributed.concat_arrays([p["ref"] for p in parts], TokenArrays)
-    noises = [p["noise"] for p in parts if p["noise"] is not None]
-    loop.noise = distributed.concat_arrays(noises, TokenArrays) if noises else None
-    for name in list(loop.arrays):
-        loop.arrays[name] = distributed.concat_arrays([p["arrays"][name] for p in parts], TokenArrays)
-    by_name = {p.name: p for p in (loop.cfg.reference, *loop.tests)}
-    for p in parts[1:]:
-        for name, msg in p["failed"].items():
-            loop.failed.setdefault(name, msg)
-        loop.resumed.update(p["resumed"])
-        loop.cached_reference = loop.cached_reference and p["cached_reference"]
-        for name, role, seg, snaps in p["snapshots"]:
-            ctx = PassContext(by_name[name], role, None, loop.tokenizer, loop.device, loop.cfg, windows, seg,
-                              (0, 0, 0), loop.batch)
-            restore_observers(loop.observers, ctx, snaps)
-    loop.windows = windows
