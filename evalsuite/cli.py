@@ -58,7 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="measure perplexity and divergence of each dtype against the reference")
     run.add_argument("--model", help="checkpoint directory or Hugging Face id (default: embedded Gemma 3 270M)")
-    run.add_argument("--dtypes", default="fp16,bf16", help="comma-separated test dtypes (fp16, bf16, fp32)")
+    run.add_argument("--dtypes", default="fp16,bf16",
+                     help="comma-separated test precisions: fp16, bf16, fp32, tf32, chains STORAGE@COMPUTE (bf16@fp16, "
+                          "fp16@fp32), with +res32[:LAYER], +FMT:PATTERN, +clamp (README: Precision recipes)")
     run.add_argument("--reference", default="fp32", help="reference dtype (default fp32, run with TF32 off)")
     run.add_argument("--device", default="auto", help="auto, cuda, cuda:N or cpu")
     run.add_argument("--corpus", default="bundled:zh",
@@ -111,6 +113,14 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--no-reference-cache", action="store_true", help="neither read nor write the reference cache")
     run.add_argument("--reference-cache-gib", type=float, default=64.0,
                      help="evict the least recently used cached references beyond this size (default 64)")
+    repair = run.add_mutually_exclusive_group()
+    repair.add_argument("--repair", dest="repair", action="store_const", const="on", default="auto",
+                        help="search the cheapest safe recipe for every precision that overflows or is short of "
+                             "headroom (default: only for those whose verdict is broken)")
+    repair.add_argument("--no-repair", dest="repair", action="store_const", const="off",
+                        help="never search a repair recipe")
+    run.add_argument("--repair-tokens", type=int, default=2048,
+                     help="tokens scored by each repair candidate's pass (default 2048; at most 8 candidates)")
     _add_gate_args(run, required=False)
 
     gate = sub.add_parser("gate", help="check a results.json against gates (no model needed); exit 1 if one fails")
@@ -137,13 +147,14 @@ def config_from_args(args: argparse.Namespace):
     from evalsuite.bench.tasks import parse_tasks
     from evalsuite.config import RunConfig
     from evalsuite.model.precision import parse_dtype
+    from evalsuite.model.recipes import parse_recipe
     from evalsuite.store.corpus import CorpusSpec
 
     names = [d for d in args.dtypes.split(",") if d.strip()]
     out = args.out or Path("reports") / datetime.now().strftime("run-%Y%m%d-%H%M%S")
     return RunConfig(
         model=args.model,
-        dtypes=tuple(parse_dtype(d) for d in names),
+        dtypes=tuple(parse_recipe(d) for d in names),
         reference=parse_dtype(args.reference),
         device=args.device,
         corpus=CorpusSpec(source=args.corpus, column=args.corpus_column, hf_config=args.corpus_config,
@@ -169,6 +180,8 @@ def config_from_args(args: argparse.Namespace):
         reference_cache=None if args.no_reference_cache else (args.reference_cache or default_cache_dir()),
         reference_cache_gib=args.reference_cache_gib,
         compile=args.compile,
+        repair=args.repair,
+        repair_tokens=args.repair_tokens,
     )
 
 

@@ -22,19 +22,21 @@ from evalsuite.errors import ResultsError
 if TYPE_CHECKING:
     import numpy as np
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: results keyed by precision recipe, each with its resolved `recipe`
+READABLE_VERSIONS = (1, 2)  # version 1 files (plain dtypes, no `recipe`) are read as they are
 
 Scalar = float | int | str | bool | None
 
 
 @dataclass(frozen=True)
 class DtypeResult:
-    name: str  # "fp32", "fp16", "bf16"
+    name: str  # the recipe's normalised text: "fp32", "fp16", "bf16@fp16", "fp16+res32:7"
     role: str  # "reference" | "test"
     status: str  # "ok" | "broken" (non-finite outputs) | "skipped" (hardware) | "failed" (error)
     message: str | None = None  # why a dtype is broken/skipped/failed, in words a user can act on
     metrics: dict[str, Scalar] = field(default_factory=dict)
     timing: dict[str, float] = field(default_factory=dict)
+    recipe: dict[str, Any] | None = None  # Precision.describe(): storage chain, compute, islands, ... (None in v1)
 
 
 @dataclass(frozen=True)
@@ -73,10 +75,10 @@ _CORE_KEYS = {f for f in RunResults.__dataclass_fields__}
 
 def from_dict(data: dict[str, Any]) -> RunResults:
     version = data.get("schema_version")
-    if version != SCHEMA_VERSION:
+    if version not in READABLE_VERSIONS:
         raise ResultsError(
             f"results schema_version {version!r} is not supported (this evalsuite reads "
-            f"{SCHEMA_VERSION}); re-run `evalsuite run` with this version"
+            f"{', '.join(map(str, READABLE_VERSIONS))}); re-run `evalsuite run` with this version"
         )
     try:
         dtypes = {name: DtypeResult(**d) for name, d in data["dtypes"].items()}
