@@ -225,7 +225,7 @@ class Layout:
             return self.fp32 if res is not None and self.layers[name] >= res else self.p.compute
         parent = name.rpartition(".")[0]
         found = self.island(parent) if parent else None
-        return found[0].format if found else self.stream_format(name)
+        return found[0].format if found else self.stream_format(parent)
 
     def output_limit(self, name: str) -> Format:
         """The narrowest format module `name`'s output passes through on its way on: its headroom's limit."""

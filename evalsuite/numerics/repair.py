@@ -211,3 +211,18 @@ def price(o: Outcome, baseline: dict | None, others: dict[str, dict]) -> str:
         parts.append(f"peak memory {m['peak_memory_gib']:.2f} GiB" + (
             f" ({base}: {b['peak_memory_gib']:.2f})" if base and b.get("peak_memory_gib") is not None else ""))
     return ", ".join(parts)
+
+
+def phrase(p: Precision, base: Precision) -> str:
+    """'FP16 with an FP32 residual stream from layer 7 and model.layers.7.mlp in FP32': what `p` adds to `base`."""
+    parts = []
+    if p.residual_fp32_from is not None and p.residual_fp32_from != base.residual_fp32_from:
+        parts.append("an FP32 residual stream" + (f" from layer {p.residual_fp32_from}" if p.residual_fp32_from else ""))
+    added = [i for i in p.islands if i not in base.islands]
+    if added:
+        parts.append(", ".join(i.pattern for i in added) + f" in {added[0].format.name.upper()}"
+                     if len({i.format for i in added}) == 1 else ", ".join(f"{i.pattern} in {i.format.name.upper()}"
+                                                                          for i in added))
+    if p.clamp and not base.clamp:
+        parts.append("transformers' FP16 clamp after each decoder layer")
+    return f"{base.name.upper()} with " + " and ".join(parts) if parts else base.name.upper()

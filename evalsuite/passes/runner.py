@@ -23,7 +23,7 @@ from evalsuite.metrics.summary import build_results
 from evalsuite.model.forward import auto_batch_size
 from evalsuite.model.loading import check_model_source, hidden_size, load_tokenizer, stored_dtype
 from evalsuite.model.precision import Precision, unsupported_reason
-from evalsuite.passes import distributed
+from evalsuite.passes import distributed, repair
 from evalsuite.passes.loop import Loop, Plan, Stores
 from evalsuite.passes.scoring import PassContext, TokenArrays, restore_observers
 from evalsuite.store import corpus as corpus_mod
@@ -86,8 +86,10 @@ def run(cfg: RunConfig, source: str, observers: tuple = (), resume: bool = False
             return None, None
         if loop.resumed:  # (a reference read from the cache is reported as a cache hit above)
             say(f"resumed: reused the saved {', '.join(sorted(loop.resumed))} passes")
+        repairs = repair.run_repairs(s, loop, observers, timing)  # a safe recipe for each broken precision
         timing["total_s"] = round(time.perf_counter() - t_start, 3)
         results, per_token = summarize(s, loop, observers, cache_info, timing)
+        results = repair.attach(results, repairs)
         if write_outputs is not None:
             write_outputs(results, per_token)
         if not loop.failed:  # a failed dtype keeps the state, so a rerun retries only that dtype
