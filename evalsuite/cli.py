@@ -41,13 +41,14 @@ def config_from_args(args: argparse.Namespace):
     from evalsuite.bench.tasks import parse_tasks
     from evalsuite.config import RunConfig
     from evalsuite.model.precision import parse_dtype
+    from evalsuite.model.recipes import parse_recipe
     from evalsuite.store.corpus import CorpusSpec
 
     names = [d for d in args.dtypes.split(",") if d.strip()]
     out = args.out or Path("reports") / datetime.now().strftime("run-%Y%m%d-%H%M%S")
     return RunConfig(
         model=args.model,
-        dtypes=tuple(parse_dtype(d) for d in names),
+        dtypes=tuple(parse_recipe(d) for d in names),
         reference=parse_dtype(args.reference),
         device=args.device,
         corpus=CorpusSpec(source=args.corpus, column=args.corpus_column, hf_config=args.corpus_config,
@@ -73,6 +74,8 @@ def config_from_args(args: argparse.Namespace):
         reference_cache=None if args.no_reference_cache else (args.reference_cache or default_cache_dir()),
         reference_cache_gib=args.reference_cache_gib,
         compile=args.compile,
+        repair=args.repair,
+        repair_tokens=args.repair_tokens,
     )
 
 

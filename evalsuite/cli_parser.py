@@ -24,6 +24,7 @@ EXIT_CODES = f"""exit codes:
 RUN_EXAMPLES = """examples:
   evalsuite run                                            # the embedded Gemma 3 270M, fp32 vs fp16, bf16
   evalsuite run --model ./ckpt --dtypes fp16,bf16 --device cuda
+  evalsuite run --model ./ckpt --dtypes bf16@fp16,fp16@fp32,fp16+res32:7    # conversions, weights-only, islands
   evalsuite run --model Qwen/Qwen2-0.5B --corpus data.jsonl --corpus-column text --max-tokens 200000
   evalsuite run --model ./ckpt --tasks cmmlu_local --cmmlu-dir ../shared/data/cmmlu --limit 20
   evalsuite run --model ./ckpt --gate default --junit gates.xml    # CI: exit 1 when a gate fails
@@ -129,7 +130,9 @@ def _data_args(run: argparse.ArgumentParser) -> None:
 
 def _precision_args(run: argparse.ArgumentParser) -> None:
     g = run.add_argument_group("precision")
-    g.add_argument("--dtypes", default="fp16,bf16", help="comma-separated test precisions: fp16, bf16, fp32")
+    g.add_argument("--dtypes", default="fp16,bf16",
+                   help="comma-separated test precisions: fp16, bf16, fp32, tf32; chains STORAGE@COMPUTE (bf16@fp16, "
+                        "fp16@fp32); with +res32[:LAYER], +FMT:PATTERN, +clamp (README: Precision recipes)")
     g.add_argument("--reference", default="fp32", help="reference precision (fp32 runs with TF32 off)")
     g.add_argument("--noise-tokens", type=int, default=32768,
                    help="at most this many tokens re-scored by a second reference pass: the noise floor")
@@ -137,6 +140,14 @@ def _precision_args(run: argparse.ArgumentParser) -> None:
                    help="skip weight conversion, activation headroom, first inf/NaN, layer error (docs/numerics.md)")
     g.add_argument("--headroom-margin-bits", type=float, default=1.0,
                    help="flag modules whose reference activations come within this many bits of a dtype's max")
+    repair = g.add_mutually_exclusive_group()
+    repair.add_argument("--repair", dest="repair", action="store_const", const="on", default="auto",
+                        help="search the cheapest safe recipe for every precision that overflows or is short of "
+                             "headroom (default: only for those whose verdict is broken)")
+    repair.add_argument("--no-repair", dest="repair", action="store_const", const="off",
+                        help="never search a repair recipe")
+    g.add_argument("--repair-tokens", type=int, default=2048,
+                   help="tokens scored by each repair candidate's pass (at most 8 candidates)")
 
 
 def _benchmark_args(run: argparse.ArgumentParser) -> None:

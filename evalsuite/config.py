@@ -53,6 +53,10 @@ class RunConfig:
     reference_cache: Path | None = option()  # directory of cached reference passes (refcache.py); None = off
     reference_cache_gib: float = option(64.0)  # the cache evicts least recently used entries beyond this size
     compile: bool = option(False, TESTS)  # torch.compile the 2-byte test models' attention/MLP/norm modules
+    # repair (passes/repair.py): "auto" searches a safe recipe for each broken precision, "on" also for those
+    # short of headroom, "off" never. No saved pass changes, so not in the resume fingerprint.
+    repair: str = option("auto", TESTS)
+    repair_tokens: int = option(2048, TESTS)  # tokens each repair candidate's pass scores (at most REPAIR_PASSES passes)
 
     def __post_init__(self) -> None:
         if self.seq_len < 1:
@@ -66,7 +70,7 @@ class RunConfig:
         if self.reference is None or self.corpus is None:
             raise UsageError("a run needs a reference precision and a corpus")
         if not self.dtypes:
-            raise UsageError("--dtypes is empty: give at least one of fp16, bf16, fp32")
+            raise UsageError("--dtypes is empty: give at least one precision, e.g. fp16, bf16, bf16@fp16")
         if not 0 <= self.headroom_margin_bits < 128:  # also false for NaN
             raise UsageError(f"--headroom-margin-bits must be between 0 and 128, got {self.headroom_margin_bits}")
         if self.num_fewshot is not None and self.num_fewshot < 0:
@@ -75,6 +79,10 @@ class RunConfig:
             raise UsageError(f"--device-map takes 'auto', got {self.device_map!r}")
         if not self.reference_cache_gib >= 0:  # also false for NaN
             raise UsageError(f"--reference-cache-gib must be at least 0, got {self.reference_cache_gib}")
+        if self.repair not in ("auto", "on", "off"):
+            raise UsageError(f"repair must be auto, on or off, got {self.repair!r}")
+        if self.repair_tokens < 1:
+            raise UsageError(f"--repair-tokens must be at least 1, got {self.repair_tokens}")
         if self.limit is not None and not self.limit > 0:  # also false for NaN
             raise UsageError(f"--limit must be positive (a count, or a fraction below 1), got {self.limit}")
 

@@ -26,7 +26,7 @@ def test_run_end_to_end(tiny_llama, tmp_path, capsys):
     captured = capsys.readouterr()
     assert rc == 0, captured.err
     data = json.loads((out / "results.json").read_text())
-    assert data["schema_version"] == 1 and set(data["dtypes"]) >= {"fp32", "fp16", "bf16"}
+    assert data["schema_version"] == 2 and set(data["dtypes"]) >= {"fp32", "fp16", "bf16"}
     for name in ("fp16", "bf16"):
         m = data["dtypes"][name]["metrics"]
         for key in ("ppl", "bits_per_byte", "n_tokens", "ppl_ratio", "delta_ppl", "kl_mean", "kl_median",

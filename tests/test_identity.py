@@ -113,6 +113,8 @@ def test_gemma_bit_identical_to_pre_refactor(old_tree, demo_model, tmp_path):
     # (tests/bench/test_bench_nonfinite.py); the tiny models check the benchmark figures
     extra = ["--seq-len", "128", "--max-tokens", "256", "--tasks", "none"]
     old = _run(old_tree, demo_model, tmp_path / "old", extra)
-    new = _run(ROOT, demo_model, tmp_path / "new", extra)
+    # repair (issue 15) adds passes and a verdict reason to a broken FP16 on purpose: identity is of the passes
+    # the old code ran, so the new run leaves it out (tests/passes/test_recipe_runs.py checks the repair)
+    new = _run(ROOT, demo_model, tmp_path / "new", [*extra, "--no-repair"])
     assert new["dtypes"]["fp16"]["status"] == "broken"  # the finding itself is part of what must not change
     assert _compare(old, new) > 1000

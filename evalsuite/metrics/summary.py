@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 import evalsuite
+from evalsuite.metrics.attribution import attribution
 from evalsuite.metrics.stats import divergence_stats, kl_histogram, paired_perplexity, perplexity
 from evalsuite.store.provenance import Provenance
 from evalsuite.store.results import DtypeResult, RunResults
@@ -58,6 +59,7 @@ def build_results(s, loop, stored_dtype: str | None) -> RunResults:
                          "tokens_per_s": tokens_per_s(noise)}
 
     dtypes: dict[str, DtypeResult] = {}
+    recipe = {p.name: p.describe() for p in (cfg.reference, *cfg.dtypes)}.get
     ref_metrics = {
         "ppl": ref_ppl.ppl, "ppl_se": ref_ppl.ppl_se, "mean_nll": ref_ppl.mean_nll, "bits_per_byte": ref_ppl.bits_per_byte,
         "n_tokens": ref_ppl.n_tokens, "nonfinite_logits": int(ref.nonfinite.sum()),
@@ -69,12 +71,12 @@ def build_results(s, loop, stored_dtype: str | None) -> RunResults:
         ref_msg = (f"the {cfg.reference.name} reference itself gives non-finite logits on {int((~ref_ok).sum())} of "
                    f"{len(ref_ok)} tokens: the checkpoint is damaged; statistics cover finite tokens only")
     dtypes[cfg.reference.name] = DtypeResult(cfg.reference.name, "reference", ref_status, ref_msg, ref_metrics,
-                                             {**ref.timing, "batch_size": ref.batch_size})
+                                             {**ref.timing, "batch_size": ref.batch_size}, recipe(cfg.reference.name))
 
     distributions, worst = {}, {}
     for name, a in arrays.items():
         if name in failed:
-            dtypes[name] = DtypeResult(name, "test", "failed", failed[name])
+            dtypes[name] = DtypeResult(name, "test", "failed", failed[name], recipe=recipe(name))
             continue
         bad = a.nonfinite > 0
         ok = ref_ok & ~bad
@@ -97,13 +99,15 @@ def build_results(s, loop, stored_dtype: str | None) -> RunResults:
             msg = (f"{name.upper()} gives non-finite logits (inf/NaN) on {int(bad.sum())} of {len(bad)} tokens "
                    f"({share:.1%}); " + ("no statistic can be computed" if bad.all()
                                          else "its other statistics cover the finite tokens only"))
-        dtypes[name] = DtypeResult(name, "test", status, msg, metrics, {**a.timing, "batch_size": a.batch_size})
+        dtypes[name] = DtypeResult(name, "test", status, msg, metrics, {**a.timing, "batch_size": a.batch_size},
+                                   recipe(name))
         distributions[name] = kl_histogram(a.kl[ok])
         worst[name] = _worst_tokens(a, ref, ok, windows, tokenizer)
     for name, msg in skipped.items():
-        dtypes[name] = DtypeResult(name, "test", "skipped", msg)
+        dtypes[name] = DtypeResult(name, "test", "skipped", msg, recipe=recipe(name))
 
     sections = {"noise_floor_detail": noise_section} if noise_section else {}
+    sections.update(attribution(dtypes))  # weights' vs compute's share, where both recipes ran
     if distributions:
         sections["kl_histograms"] = distributions
         sections["worst_tokens"] = worst

@@ -46,17 +46,31 @@ FORMATS: dict[str, Format] = {
 
 
 @dataclass(frozen=True)
+class Island:
+    """Modules whose dotted names end with `pattern` (`%` = any one segment) kept in `format`."""
+
+    pattern: str  # e.g. "layers.7.mlp", "layers.%.self_attn"
+    format: Format
+
+
+@dataclass(frozen=True)
 class Precision:
-    """How a model is run: the roundings its stored weights go through, and what it computes in.
+    """How a model is run: the roundings its stored weights go through, what it computes in, and exceptions.
 
     A plain `fp16` is storage (fp16,) computed in fp16. Every question about a precision (its
     range, its width, whether it is a 2-byte compute) is asked of this record, never of a
     tensor's dtype, so a precision whose storage and compute differ stays one row of one table.
+    The grammar that builds it from the user's text (`bf16@fp16+res32:7`) is model/recipes.py;
+    model/convert.py applies it to a loaded model.
     """
 
-    name: str  # the key results are filed under, e.g. "bf16"
+    name: str  # the key results are filed under, e.g. "bf16", "bf16@fp16", "fp16+res32:7"
     compute: Format  # what the model's parameters are cast to and its forward runs in
     storage: tuple[Format, ...] = ()  # the weights are rounded to each of these in turn, before `compute`
+    tf32: bool = False  # FP32 compute with TF32 matmuls and convolutions
+    residual_fp32_from: int | None = None  # FP32 residual stream from this decoder layer on (None: none)
+    islands: tuple[Island, ...] = ()  # modules kept in another format, with casts at their boundaries
+    clamp: bool = False  # decoder layers' outputs clamped as transformers' FP16 clamp does
 
     @property
     def dtype(self) -> torch.dtype:
@@ -88,9 +102,25 @@ class Precision:
         """A 2-byte compute dtype (fp16/bf16): what --compile and the padded head apply to."""
         return self.compute.itemsize == 2
 
+    @property
+    def is_plain(self) -> bool:
+        """One of the plain dtypes (fp32, fp16, bf16): loaded exactly as `from_pretrained(dtype=...)` loads it."""
+        return self.storage == (self.compute,) and not (self.tf32 or self.residual_fp32_from is not None
+                                                        or self.islands or self.clamp)
+
+    @property
+    def has_regions(self) -> bool:
+        """Parts of the model computing in another format than `compute` (casts at their boundaries)."""
+        return self.residual_fp32_from is not None or bool(self.islands)
+
     def describe(self) -> dict[str, object]:
         """The resolved recipe as results.json records it."""
-        return {"storage": [f.name for f in self.storage], "compute": self.compute.name}
+        from evalsuite.model.recipes import summary
+
+        return {"storage": [f.name for f in self.storage], "compute": self.compute.name, "tf32": self.tf32,
+                "residual_fp32_from": self.residual_fp32_from,
+                "islands": [{"pattern": i.pattern, "dtype": i.format.name} for i in self.islands],
+                "clamp": self.clamp, "summary": summary(self)}
 
 
 def _plain(name: str) -> Precision:
@@ -118,10 +148,17 @@ def unsupported_reason(precision: Precision, device: torch.device) -> str | None
     """Why `device` cannot run `precision`, or None if it can.
 
     BF16 needs compute capability 8.0 (Ampere) for native matmuls; older cards emulate it
-    slowly or not at all, so a run skips it there with this message instead of crashing.
+    slowly or not at all, so a run skips it there with this message instead of crashing. TF32
+    exists only on NVIDIA GPUs from Ampere on: elsewhere `tf32` would silently be plain FP32.
+    Rounding stored weights to BF16 (`bf16@fp32`) needs no BF16 arithmetic, so only the compute
+    format and the islands' count.
     """
+    if precision.tf32 and (device.type != "cuda" or torch.cuda.get_device_capability(device)[0] < 8):
+        where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"the {device.type} device"
+        return f"{where} has no TF32 (needs an NVIDIA GPU of compute capability >= 8.0)"
+    formats = {precision.compute, *(i.format for i in precision.islands)}
     if device.type == "cuda":
-        if precision.dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported(including_emulation=False):
+        if FORMATS["bf16"] in formats and not torch.cuda.is_bf16_supported(including_emulation=False):
             name = torch.cuda.get_device_name(device)
             return f"{name} has no native BF16 (needs compute capability >= 8.0)"
     return None
@@ -208,3 +245,36 @@ def exact_fp32() -> Iterator[dict[str, object]]:
             torch.set_float32_matmul_precision(saved[0])
             matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved[1], saved[2]
         matmul.allow_fp16_reduced_precision_reduction, matmul.allow_bf16_reduced_precision_reduction = saved_rpr
+
+
+@contextlib.contextmanager
+def tf32_compute() -> Iterator[dict[str, object]]:
+    """Run the block with TF32 matmuls and convolutions on (reductions as `exact_fp32`); yield the flags.
+
+    What many "FP32" users actually run on Ampere or newer: float32 inputs rounded to 10
+    mantissa bits inside the tensor cores, accumulation in float32.
+    """
+    with exact_fp32():
+        matmul = torch.backends.cuda.matmul
+        if _NEW_API:
+            for parent, name in _NEW_KNOBS.values():
+                _knob(parent, name).fp32_precision = "tf32"
+        else:
+            torch.set_float32_matmul_precision("high")
+            matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        yield numeric_flags()  # exact_fp32 restores everything on the way out
+
+
+@contextlib.contextmanager
+def pass_flags(precision: Precision) -> Iterator[dict[str, object]]:
+    """The numeric flags a test pass of `precision` runs under; yield them as recorded.
+
+    TF32 recipes run under `tf32_compute`; every other precision under the process's own flags,
+    as test passes always have (so plain fp16/bf16 results do not change).
+    """
+    if precision.tf32:
+        with tf32_compute() as flags:
+            yield flags
+    else:
+        yield numeric_flags()

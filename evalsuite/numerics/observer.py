@@ -21,6 +21,7 @@ import numpy as np
 from evalsuite.model.loading import stored_dtype
 from evalsuite.model.modules import find_modules
 from evalsuite.model.precision import DTYPES, Precision
+from evalsuite.model.recipes import module_formats, weights_format
 from evalsuite.numerics.hooks import (
     HIST_BINS,
     HIST_BINS_PER_BIT,
@@ -188,14 +189,40 @@ class NumericsObserver:
         return sample
 
     def _headroom(self, p: Precision) -> dict[str, float]:
-        return {n: math.log2(p.finite_max / e["absmax"]) if 0 < e["absmax"] < math.inf else
+        """log2(limit / reference absmax) per module; the limit is the format the module's output has under
+        the recipe (an FP32 residual stream's layers: FP32's), so a plain dtype's is its own for all."""
+        limits = module_formats(p, [(n, e["kind"], e["layer"]) for n, e in self.modules.items()])
+        return {n: math.log2(limits[n].finite_max / e["absmax"]) if 0 < e["absmax"] < math.inf else
                 (-math.inf if e["absmax"] == math.inf else math.inf) for n, e in self.modules.items()}
+
+    def take(self, name: str) -> dict:
+        """A repair candidate's findings (its first non-finite module), removed from the run's: a candidate is
+        measured on a few windows and reported by the repair, not in the numerics section."""
+        self.seen.discard(name)
+        self.layer_errors.pop(name, None)
+        failure = self.first_failure.pop(name, None)
+        ref = self.modules.get(failure["module"]) if failure else None
+        if ref is not None:
+            failure = {**failure, "reference_absmax": ref["absmax"]}
+        return {"first_failure": failure}
+
+    def repair_findings(self, p: Precision) -> dict:
+        """What the repair search starts from: the first failure, and per module the reference's absmax (in
+        execution order) with its headroom under `p`."""
+        head = self._headroom(p)
+        failure = self.first_failure.get(p.name)
+        ref = self.modules.get(failure["module"]) if failure else None
+        return {"first_failure": {**failure, "reference_absmax": ref["absmax"] if ref else None} if failure else None,
+                "modules": [{"module": n, "kind": e["kind"], "layer": e["layer"], "absmax": e["absmax"],
+                             "headroom_bits": head[n]} for n, e in self.modules.items()],
+                "margin_bits": self.thresholds.margin_bits}
 
     def _metrics(self, p: Precision) -> tuple[dict, Evidence, list[dict]]:
         m: dict = {}
-        tensors = (self.weights or {}).get(p.name, [])
+        held = weights_format(p)  # a recipe's weights are described by the one plain dtype they were rounded to
+        tensors = (self.weights or {}).get(held.name, []) if held is not None else []
         if tensors:
-            m.update(summarize(tensors, self.stored, p)[0])
+            m.update(summarize(tensors, self.stored, DTYPES[held.name])[0])
         head = self._headroom(p)
         finite = [h for h in head.values() if h != math.inf]
         m["min_headroom_bits"] = min(finite) if finite else None

@@ -27,9 +27,10 @@ import torch
 from evalsuite.config import RunConfig
 from evalsuite.errors import EvalsuiteError
 from evalsuite.log import say
+from evalsuite.model.convert import load_recipe
 from evalsuite.model.forward import Scorer
 from evalsuite.model.loading import load_model, placement, unload
-from evalsuite.model.precision import Precision, exact_fp32, numeric_flags
+from evalsuite.model.precision import Precision, exact_fp32, pass_flags
 from evalsuite.passes.scoring import (
     PassContext,
     TokenArrays,
@@ -191,10 +192,11 @@ class Loop:
             seg += 1
 
     def _load(self, p: Precision):
-        """(model, seconds) for one precision, placed as the run asks."""
+        """(model, seconds) for one precision (a recipe: converted, model/convert.py), placed as the run asks."""
         t0 = time.perf_counter()
-        model = load_model(self.source, p, self.device, self.cfg.trust_remote_code, self.cfg.attn_implementation,
-                           device_map=self.cfg.device_map)
+        load = load_model if p.is_plain else load_recipe
+        model = load(self.source, p, self.device, self.cfg.trust_remote_code, self.cfg.attn_implementation,
+                     device_map=self.cfg.device_map)
         return model, time.perf_counter() - t0
 
     def _scorer(self, model, p: Precision, arrays: TokenArrays | None = None) -> Scorer:
@@ -275,6 +277,12 @@ class Loop:
         return buffer if need_logits else None
 
     def _test(self, seg: int, p: Precision, buffer: torch.Tensor) -> None:
+        """One test pass under the numeric flags its precision runs with (TF32 for `tf32`), recorded per precision."""
+        with pass_flags(p) as flags:
+            self.prov.test_flags = {**(self.prov.test_flags or {}), p.name: flags}
+            self._test_pass(seg, p, buffer)
+
+    def _test_pass(self, seg: int, p: Precision, buffer: torch.Tensor) -> None:
         test = self.arrays[p.name]
         try:
             model, load_s = self._load(p)
@@ -283,8 +291,6 @@ class Loop:
             say(f"{p.name} failed: {exc}; the other dtypes go on")
             return
         test.timing["load_s"] += load_s
-        if self.prov.test_flags is None:
-            self.prov.test_flags = numeric_flags()
         scorer = self._scorer(model, p, test)
         first, last, offset = self.segments[seg]
         seg_windows = self.windows.windows[first:last]

@@ -25,7 +25,7 @@ from evalsuite.model.forward import auto_batch_size
 from evalsuite.model.loading import hidden_size, load_tokenizer, stored_dtype
 from evalsuite.model.precision import Precision, unsupported_reason
 from evalsuite.model.source import check_model_source, max_positions
-from evalsuite.passes import distributed
+from evalsuite.passes import distributed, repair
 from evalsuite.passes.loop import Loop, Plan, Stores
 from evalsuite.passes.observers import Observer
 from evalsuite.store import corpus as corpus_mod
@@ -89,8 +89,10 @@ def run(cfg: RunConfig, source: str, observers: tuple[Observer, ...] = (), resum
             return None
         if loop.resumed:  # (a reference read from the cache is reported as a cache hit above)
             say(f"resumed: reused the saved {', '.join(sorted(loop.resumed))} passes")
+        repairs = repair.run_repairs(s, loop, observers, timing)  # a safe recipe for each broken precision
         timing["total_s"] = round(time.perf_counter() - t_start, 3)
         output = summarize(s, loop, observers, cache_info, timing)
+        output = replace(output, results=repair.attach(output.results, repairs))
         if write_outputs is not None:
             write_outputs(output)
         if not loop.failed:  # a failed dtype keeps the state, so a rerun retries only that dtype

@@ -19,13 +19,15 @@ from evalsuite.fmt import fmt, pct, pm
 from evalsuite.fmt import is_number as _finite
 from evalsuite.report import bench as bench_report
 from evalsuite.report import charts
+from evalsuite.report import recipes as recipes_report
 from evalsuite.report.bench import obj
 from evalsuite.report.html import env as _env
 from evalsuite.report.html import signed
 
 # Top-level keys that have their own section; any other key is shown raw under "other sections".
 KNOWN_KEYS = {"config", "provenance", "model", "corpus", "reference", "dtypes", "noise_floor", "noise_floor_detail",
-              "kl_histograms", "worst_tokens", "created_utc", "evalsuite_version", "schema_version", "gates", "numerics"}
+              "kl_histograms", "worst_tokens", "created_utc", "evalsuite_version", "schema_version", "gates", "numerics",
+              "recipe_attribution", "repair"}  # the last two: report/recipes.py
 VERDICT_CLASS = {"ok": "ok", "degraded": "warn", "broken": "bad", "failed": "bad", "skipped": "skip"}
 FP16_MAX = 65504.0
 RAW_LIMIT = 20_000  # characters of an unknown section shown raw before it is cut
@@ -232,7 +234,7 @@ def context(results: dict, label: str = "", file: str = "") -> dict:
         "kl_tail": charts.kl_tail_chart(hists, noise.get("kl_max")) if hists else None,
         "zero_kl": {n: h.get("n_zero") for n, h in hists.items() if isinstance(h, dict) and h.get("n_zero")},
         "numerics": _numerics(results), "gates": _gates(results), "worst": _worst(results),
-        "benchmarks": bench_report.context(results),
+        "benchmarks": bench_report.context(results), "recipes": recipes_report.context(results),
         "all_metrics": _all_metrics(dtypes), "more_metrics": _all_metrics(dtypes, only_unknown=True),
         "provenance": _nested(results.get("provenance") or {}), "model_rows": _flatten(model),
         "corpus_rows": _flatten(results.get("corpus") or {}), "config_rows": _flatten(results.get("config") or {}),

@@ -28,7 +28,7 @@ class Provenance:
     gpu_memory_gib: float | None = None
     # the reference pass (passes/loop.py; saved in the segment plan)
     reference_flags: dict | None = None  # numeric flags in force: TF32 and reduced-precision reductions off
-    test_flags: dict | None = None  # the flags of the test passes
+    test_flags: dict | None = None  # {test precision: the flags its pass ran under} (TF32 on for tf32)
     logits_path: str | None = None  # "split" (decoder body, then the head a chunk at a time) or "full"
     logits_path_reason: str | None = None  # why a full forward, where it was one
     chunk_tokens: int | None = None

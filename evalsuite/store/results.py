@@ -19,19 +19,20 @@ from typing import Any
 
 from evalsuite.errors import ResultsError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: results keyed by precision recipe, each with its resolved `recipe`
 
 Scalar = float | int | str | bool | None
 
 
 @dataclass(frozen=True)
 class DtypeResult:
-    name: str  # "fp32", "fp16", "bf16"
+    name: str  # the recipe's normalised text: "fp32", "fp16", "bf16@fp16", "fp16+res32:7"
     role: str  # "reference" | "test"
     status: str  # "ok" | "broken" (non-finite outputs) | "skipped" (hardware) | "failed" (error)
     message: str | None = None  # why a dtype is broken/skipped/failed, in words a user can act on
     metrics: dict[str, Scalar] = field(default_factory=dict)
     timing: dict[str, float] = field(default_factory=dict)
+    recipe: dict[str, Any] | None = None  # Precision.describe(): storage chain, compute, islands, ... (None in v1)
 
 
 @dataclass(frozen=True)
