@@ -7,7 +7,7 @@ recipe beyond the plain dtypes, a weights/compute split or a repair.
 
 from __future__ import annotations
 
-from evalsuite.report.table import fmt, is_number, pct
+from evalsuite.fmt import fmt, is_number, pct
 
 VERDICT_CLASS = {"ok": "ok", "degraded": "warn", "broken": "bad", "failed": "bad", "skipped": "skip"}
 

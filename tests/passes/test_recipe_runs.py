@@ -11,13 +11,12 @@ import json
 import numpy as np
 import pytest
 import torch
-from helpers import run_config
+from helpers import run_config, run_pair
 from tiny import build_planted
 
 from evalsuite.cli import main
 from evalsuite.model.convert import load_recipe
 from evalsuite.model.recipes import parse_recipe
-from evalsuite.passes.runner import run
 from evalsuite.store.results import load_results, write_results
 
 FAST = ["--device", "cpu", "--seq-len", "64", "--max-tokens", "320", "--no-progress", "--tasks", "none",
@@ -95,7 +94,7 @@ def test_version_1_results_still_load_and_render(recipe_run, tmp_path):
 def test_tf32_is_skipped_with_a_message_on_cpu(tiny_llama, tmp_path):
     cfg = run_config(tmp_path / "o", dtypes=(parse_recipe("tf32"), parse_recipe("bf16")), max_tokens=128,
                      numerics=False)
-    results, _ = run(cfg, str(tiny_llama))
+    results, _ = run_pair(cfg, str(tiny_llama))
     assert results.dtypes["tf32"].status == "skipped" and "TF32" in results.dtypes["tf32"].message
     assert results.dtypes["tf32"].recipe["tf32"] is True and results.dtypes["bf16"].status == "ok"
 
@@ -105,7 +104,7 @@ def planted_run(planted, tmp_path_factory):
     cfg = run_config(tmp_path_factory.mktemp("repair") / "o", max_tokens=512, repair_tokens=128)
     from evalsuite.numerics.observer import NumericsObserver
 
-    results, per_token = run(cfg, str(planted), observers=(NumericsObserver(cfg, str(planted)),))
+    results, per_token = run_pair(cfg, str(planted), observers=(NumericsObserver(cfg, str(planted)),))
     return results, per_token
 
 
@@ -177,7 +176,7 @@ def test_no_repair_leaves_a_broken_precision_alone(planted, tmp_path):
     from evalsuite.numerics.observer import NumericsObserver
 
     cfg = run_config(tmp_path / "a", max_tokens=256, dtypes=(parse_recipe("fp16"),), repair="off")
-    results, _ = run(cfg, str(planted), observers=(NumericsObserver(cfg, str(planted)),))
+    results, _ = run_pair(cfg, str(planted), observers=(NumericsObserver(cfg, str(planted)),))
     assert results.dtypes["fp16"].status == "broken" and "repair" not in results.sections
     assert "repair_recipe" not in results.dtypes["fp16"].metrics
 
@@ -190,7 +189,7 @@ def test_forced_repair_of_a_precision_short_of_headroom(tmp_path):
     for mode in ("auto", "on"):
         cfg = run_config(tmp_path / mode, max_tokens=256, dtypes=(parse_recipe("fp16"),), repair=mode,
                          repair_tokens=128)
-        results, _ = run(cfg, str(path), observers=(NumericsObserver(cfg, str(path)),))
+        results, _ = run_pair(cfg, str(path), observers=(NumericsObserver(cfg, str(path)),))
         fp16 = results.dtypes["fp16"]
         assert fp16.status == "ok" and fp16.metrics["min_headroom_bits"] < 1.0
         if mode == "auto":
@@ -216,7 +215,7 @@ def test_gemma_fp16_repair_reports_a_finite_recipe_beside_bf16(demo_model, tmp_p
 
     cfg = run_config(tmp_path / "o", model=str(demo_model), seq_len=128, max_tokens=256, batch_size=2,
                      repair_tokens=128)
-    results, _ = run(cfg, str(demo_model), observers=(NumericsObserver(cfg, str(demo_model)),))
+    results, _ = run_pair(cfg, str(demo_model), observers=(NumericsObserver(cfg, str(demo_model)),))
     assert results.dtypes["fp16"].status == "broken"
     r = results.sections["repair"]["fp16"]
     chosen = next(c for c in r["candidates"] if c["status"] == "chosen")
