@@ -39,88 +39,94 @@ def environment(prov: Provenance, device: torch.device) -> None:
         prov.gpu_memory_gib = round(torch.cuda.get_device_properties(device).total_memory / 2**30, 1)
 
 
+def _tokens_per_s(a) -> float | None:
+    return round(len(a.nll) / a.timing["pass_s"], 1) if a.timing["pass_s"] else None
+
+
 def build_results(s, loop, stored_dtype: str | None) -> RunResults:
     """The results of a run: `s` is the runner's Setup (cfg, source, device, tokenizer, windows,
     corpus_identity, skipped), `loop` the finished pass loop (ref, noise, arrays, failed, prov)."""
-    cfg, source, device, tokenizer, windows = s.cfg, s.source, s.device, s.tokenizer, s.windows
-    ref, noise, arrays, skipped, failed, prov = loop.ref, loop.noise, loop.arrays, s.skipped, loop.failed, loop.prov
-    bytes_ = windows.target_bytes
-    ref_ok = ref.nonfinite == 0
-    ref_ppl = perplexity(ref.nll[ref_ok], int(bytes_[ref_ok].sum()))
-    tokens_per_s = lambda a: round(len(a.nll) / a.timing["pass_s"], 1) if a.timing["pass_s"] else None  # noqa: E731
-
-    noise_metrics: dict = {}
-    noise_section: dict = {}
-    if noise is not None:
-        ok = np.isfinite(noise.kl)
-        ns = _divergence(noise, ok)
-        noise_metrics = ns.as_metrics("noise_")
-        noise_section = {**ns.as_metrics(), "batch_size": noise.batch_size, "reference_batch_size": ref.batch_size,
-                         "tokens_per_s": tokens_per_s(noise)}
-
-    dtypes: dict[str, DtypeResult] = {}
+    cfg, tokenizer, windows = s.cfg, s.tokenizer, s.windows
     recipe = {p.name: p.describe() for p in (cfg.reference, *cfg.dtypes)}.get
-    ref_metrics = {
-        "ppl": ref_ppl.ppl, "ppl_se": ref_ppl.ppl_se, "mean_nll": ref_ppl.mean_nll, "bits_per_byte": ref_ppl.bits_per_byte,
-        "n_tokens": ref_ppl.n_tokens, "nonfinite_logits": int(ref.nonfinite.sum()),
-        "nonfinite_tokens": int((~ref_ok).sum()), "tokens_per_s": tokens_per_s(ref), **noise_metrics,
-    }
-    ref_status, ref_msg = "ok", None
-    if not ref_ok.all():
-        ref_status = "broken"
-        ref_msg = (f"the {cfg.reference.name} reference itself gives non-finite logits on {int((~ref_ok).sum())} of "
-                   f"{len(ref_ok)} tokens: the checkpoint is damaged; statistics cover finite tokens only")
-    dtypes[cfg.reference.name] = DtypeResult(cfg.reference.name, "reference", ref_status, ref_msg, ref_metrics,
-                                             {**ref.timing, "batch_size": ref.batch_size}, recipe(cfg.reference.name))
-
+    noise_metrics, noise_section = _noise(loop.noise, loop.ref)
+    ref_ok = loop.ref.nonfinite == 0
+    dtypes = {cfg.reference.name: _reference_result(cfg.reference.name, loop.ref, windows.target_bytes,
+                                                    noise_metrics, recipe(cfg.reference.name))}
     distributions, worst = {}, {}
-    for name, a in arrays.items():
-        if name in failed:
-            dtypes[name] = DtypeResult(name, "test", "failed", failed[name], recipe=recipe(name))
+    for name, a in loop.arrays.items():
+        if name in loop.failed:
+            dtypes[name] = DtypeResult(name, "test", "failed", loop.failed[name], recipe=recipe(name))
             continue
-        bad = a.nonfinite > 0
-        ok = ref_ok & ~bad
-        p = perplexity(a.nll[ok], int(bytes_[ok].sum()))
-        pp = paired_perplexity(ref.nll[ok], a.nll[ok])
-        d = _divergence(a, ok)
-        metrics = {
-            "ppl": p.ppl, "ppl_se": p.ppl_se, "mean_nll": p.mean_nll, "bits_per_byte": p.bits_per_byte,
-            "n_tokens": int(len(a.nll)), "n_scored_tokens": p.n_tokens,
-            "ppl_ratio": pp.ppl_ratio, "ppl_ratio_se": pp.ppl_ratio_se, "delta_ppl": pp.delta_ppl,
-            "delta_ppl_se": pp.delta_ppl_se, "delta_nll": pp.delta_nll, "delta_nll_se": pp.delta_nll_se,
-            **{k: v for k, v in d.as_metrics().items() if k != "n_tokens"},
-            "nonfinite_logits": int(a.nonfinite.sum()), "nonfinite_tokens": int(bad.sum()),
-            "finite_only": bool(bad.any()), "tokens_per_s": tokens_per_s(a), **noise_metrics,
-        }
-        status, msg = "ok", None
-        if bad.any():
-            status = "broken"
-            share = bad.mean()
-            msg = (f"{name.upper()} gives non-finite logits (inf/NaN) on {int(bad.sum())} of {len(bad)} tokens "
-                   f"({share:.1%}); " + ("no statistic can be computed" if bad.all()
-                                         else "its other statistics cover the finite tokens only"))
-        dtypes[name] = DtypeResult(name, "test", status, msg, metrics, {**a.timing, "batch_size": a.batch_size},
-                                   recipe(name))
+        ok = ref_ok & (a.nonfinite == 0)
+        dtypes[name] = _test_result(name, a, loop.ref, ok, windows.target_bytes, noise_metrics, recipe(name))
         distributions[name] = kl_histogram(a.kl[ok])
-        worst[name] = _worst_tokens(a, ref, ok, windows, tokenizer)
-    for name, msg in skipped.items():
+        worst[name] = _worst_tokens(a, loop.ref, ok, windows, tokenizer)
+    for name, msg in s.skipped.items():
         dtypes[name] = DtypeResult(name, "test", "skipped", msg, recipe=recipe(name))
-
     sections = {"noise_floor_detail": noise_section} if noise_section else {}
     sections.update(attribution(dtypes))  # weights' vs compute's share, where both recipes ran
     if distributions:
         sections["kl_histograms"] = distributions
         sections["worst_tokens"] = worst
-    model_info = {"source": source, "stored_dtype": stored_dtype,
+    model_info = {"source": s.source, "stored_dtype": stored_dtype,
                   "is_demo": cfg.model is None, "vocab_size": int(getattr(tokenizer, "vocab_size", 0) or 0)}
     corpus_info = {**s.corpus_identity, "n_tokens": windows.n_tokens, "n_windows": len(windows.windows),
                    "seq_len": windows.seq_len, "context": windows.context,
-                   "n_scored_bytes": int(bytes_.sum()), "tokenizer": type(tokenizer).__name__}
+                   "n_scored_bytes": int(windows.target_bytes.sum()), "tokenizer": type(tokenizer).__name__}
     return RunResults(
-        config=cfg.to_dict(), provenance=_provenance(prov, device), model=model_info, corpus=corpus_info,
+        config=cfg.to_dict(), provenance=_provenance(loop.prov, s.device), model=model_info, corpus=corpus_info,
         reference=cfg.reference.name, dtypes=dtypes, noise_floor=noise_section, sections=sections,
         created_utc=datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"), evalsuite_version=evalsuite.__version__,
     )
+
+
+def _noise(noise, ref) -> tuple[dict, dict]:
+    """(the noise floor's figures as `noise_*` metrics, the noise_floor section), or two empty dicts."""
+    if noise is None:
+        return {}, {}
+    ns = _divergence(noise, np.isfinite(noise.kl))
+    return ns.as_metrics("noise_"), {**ns.as_metrics(), "batch_size": noise.batch_size,
+                                     "reference_batch_size": ref.batch_size, "tokens_per_s": _tokens_per_s(noise)}
+
+
+def _reference_result(name: str, ref, bytes_, noise_metrics: dict, recipe) -> DtypeResult:
+    ok = ref.nonfinite == 0
+    ppl = perplexity(ref.nll[ok], int(bytes_[ok].sum()))
+    metrics = {
+        "ppl": ppl.ppl, "ppl_se": ppl.ppl_se, "mean_nll": ppl.mean_nll, "bits_per_byte": ppl.bits_per_byte,
+        "n_tokens": ppl.n_tokens, "nonfinite_logits": int(ref.nonfinite.sum()),
+        "nonfinite_tokens": int((~ok).sum()), "tokens_per_s": _tokens_per_s(ref), **noise_metrics,
+    }
+    status, msg = "ok", None
+    if not ok.all():
+        status = "broken"
+        msg = (f"the {name} reference itself gives non-finite logits on {int((~ok).sum())} of {len(ok)} tokens: "
+               "the checkpoint is damaged; statistics cover finite tokens only")
+    return DtypeResult(name, "reference", status, msg, metrics, {**ref.timing, "batch_size": ref.batch_size}, recipe)
+
+
+def _test_result(name: str, a, ref, ok, bytes_, noise_metrics: dict, recipe) -> DtypeResult:
+    """One test precision's metrics over the tokens both it and the reference score finitely."""
+    bad = a.nonfinite > 0
+    p = perplexity(a.nll[ok], int(bytes_[ok].sum()))
+    pp = paired_perplexity(ref.nll[ok], a.nll[ok])
+    d = _divergence(a, ok)
+    metrics = {
+        "ppl": p.ppl, "ppl_se": p.ppl_se, "mean_nll": p.mean_nll, "bits_per_byte": p.bits_per_byte,
+        "n_tokens": int(len(a.nll)), "n_scored_tokens": p.n_tokens,
+        "ppl_ratio": pp.ppl_ratio, "ppl_ratio_se": pp.ppl_ratio_se, "delta_ppl": pp.delta_ppl,
+        "delta_ppl_se": pp.delta_ppl_se, "delta_nll": pp.delta_nll, "delta_nll_se": pp.delta_nll_se,
+        **{k: v for k, v in d.as_metrics().items() if k != "n_tokens"},
+        "nonfinite_logits": int(a.nonfinite.sum()), "nonfinite_tokens": int(bad.sum()),
+        "finite_only": bool(bad.any()), "tokens_per_s": _tokens_per_s(a), **noise_metrics,
+    }
+    status, msg = "ok", None
+    if bad.any():
+        status = "broken"
+        msg = (f"{name.upper()} gives non-finite logits (inf/NaN) on {int(bad.sum())} of {len(bad)} tokens "
+               f"({bad.mean():.1%}); " + ("no statistic can be computed" if bad.all()
+                                          else "its other statistics cover the finite tokens only"))
+    return DtypeResult(name, "test", status, msg, metrics, {**a.timing, "batch_size": a.batch_size}, recipe)
 
 
 def _provenance(prov: Provenance, device: torch.device) -> dict:
