@@ -111,6 +111,16 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--no-reference-cache", action="store_true", help="neither read nor write the reference cache")
     run.add_argument("--reference-cache-gib", type=float, default=64.0,
                      help="evict the least recently used cached references beyond this size (default 64)")
+    run.add_argument("--generate", action="store_true",
+                     help="also decode greedily at the reference and each dtype and report where the continuations "
+                          "part from the reference's, against a noise floor (docs/generation.md)")
+    run.add_argument("--gen-prompts", type=Path, default=None, metavar="FILE",
+                     help="prompts for --generate: .txt (one per line) or .jsonl (see --gen-column); default: corpus "
+                          "prefixes, and benchmark question contexts when --tasks are on")
+    run.add_argument("--gen-column", default="text", help="text field of a .jsonl --gen-prompts file")
+    run.add_argument("--gen-tokens", type=int, default=None,
+                     help="tokens per continuation (default 32 on CPU, 128 on CUDA)")
+    run.add_argument("--gen-count", type=int, default=None, help="prompts (default 8 on CPU, 64 on CUDA)")
     _add_gate_args(run, required=False)
 
     gate = sub.add_parser("gate", help="check a results.json against gates (no model needed); exit 1 if one fails")
@@ -169,6 +179,11 @@ def config_from_args(args: argparse.Namespace):
         reference_cache=None if args.no_reference_cache else (args.reference_cache or default_cache_dir()),
         reference_cache_gib=args.reference_cache_gib,
         compile=args.compile,
+        generate=args.generate,
+        gen_prompts=args.gen_prompts,
+        gen_column=args.gen_column,
+        gen_tokens=args.gen_tokens,
+        gen_count=args.gen_count,
     )
 
 
@@ -197,6 +212,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     from evalsuite.bench.tasks import prepare
 
     bench_plan = prepare(cfg) if cfg.tasks else None  # a bad --tasks fails here, before any model loads
+    if cfg.gen_prompts is not None:  # so does a bad --gen-prompts file
+        from evalsuite.store.prompts import read_texts
+
+        read_texts(cfg.gen_prompts, cfg.gen_column)
     source = cfg.model or str(demo_checkpoint())
     observers = ()
     if cfg.numerics:

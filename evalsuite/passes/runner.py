@@ -24,6 +24,7 @@ from evalsuite.model.forward import auto_batch_size
 from evalsuite.model.loading import check_model_source, hidden_size, load_tokenizer, stored_dtype
 from evalsuite.model.precision import Precision, unsupported_reason
 from evalsuite.passes import distributed
+from evalsuite.passes.generate import generate
 from evalsuite.passes.loop import Loop, Plan, Stores
 from evalsuite.passes.scoring import PassContext, TokenArrays, restore_observers
 from evalsuite.store import corpus as corpus_mod
@@ -86,6 +87,10 @@ def run(cfg: RunConfig, source: str, observers: tuple = (), resume: bool = False
             return None, None
         if loop.resumed:  # (a reference read from the cache is reported as a cache hit above)
             say(f"resumed: reused the saved {', '.join(sorted(loop.resumed))} passes")
+        if cfg.generate:  # after the scoring passes; its results join the observers' (metric additions, a section)
+            t0 = time.perf_counter()
+            observers = (*observers, generate(s, loop, observers))
+            timing["generate_s"] = round(time.perf_counter() - t0, 3)
         timing["total_s"] = round(time.perf_counter() - t_start, 3)
         results, per_token = summarize(s, loop, observers, cache_info, timing)
         if write_outputs is not None:
