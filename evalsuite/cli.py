@@ -76,6 +76,11 @@ def config_from_args(args: argparse.Namespace):
         compile=args.compile,
         repair=args.repair,
         repair_tokens=args.repair_tokens,
+        generate=args.generate,
+        gen_prompts=args.gen_prompts,
+        gen_column=args.gen_column,
+        gen_tokens=args.gen_tokens,
+        gen_count=args.gen_count,
     )
 
 
@@ -99,6 +104,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     from evalsuite.bench.tasks import prepare
 
     bench_plan = prepare(cfg) if cfg.tasks else None  # a bad --tasks fails here, before any model loads
+    if cfg.gen_prompts is not None:  # so does a bad --gen-prompts file
+        from evalsuite.store.prompts import read_texts
+
+        read_texts(cfg.gen_prompts, cfg.gen_column)
     source = cfg.model or str(demo_checkpoint())
     from evalsuite.passes import distributed
     from evalsuite.store.outdir import claim

@@ -27,6 +27,7 @@ RUN_EXAMPLES = """examples:
   evalsuite run --model ./ckpt --dtypes bf16@fp16,fp16@fp32,fp16+res32:7    # conversions, weights-only, islands
   evalsuite run --model Qwen/Qwen2-0.5B --corpus data.jsonl --corpus-column text --max-tokens 200000
   evalsuite run --model ./ckpt --tasks cmmlu_local --cmmlu-dir ../shared/data/cmmlu --limit 20
+  evalsuite run --model ./ckpt --generate --gen-prompts prompts.txt --gen-tokens 128
   evalsuite run --model ./ckpt --gate default --junit gates.xml    # CI: exit 1 when a gate fails
 """
 
@@ -87,7 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
                          formatter_class=_Formatter, epilog=RUN_EXAMPLES + "\n" + EXIT_CODES,
                          description="Score one checkpoint at an exact FP32 reference and at each test precision "
                                      "over the same tokens; write results.json, report.html, per_token.npz.")
-    for group in (_model_args, _data_args, _precision_args, _benchmark_args, _output_args, _performance_args):
+    for group in (_model_args, _data_args, _precision_args, _benchmark_args, _generation_args, _output_args,
+                  _performance_args):
         group(run)
     add_gate_args(run, required=False)
     gate = sub.add_parser("gate", help="check a results.json against gates (no model needed)",
@@ -162,6 +164,19 @@ def _benchmark_args(run: argparse.ArgumentParser) -> None:
                    help="local CMMLU (dev/, test/ CSVs) for cmmlu_local (default: $EVALSUITE_CMMLU_DIR)")
     g.add_argument("--ceval-dir", type=Path, default=None,
                    help="local C-Eval (dev/, val/ CSVs) for ceval-valid_local (default: $EVALSUITE_CEVAL_DIR)")
+
+
+def _generation_args(run: argparse.ArgumentParser) -> None:
+    g = run.add_argument_group("generation divergence (docs/generation.md)")
+    g.add_argument("--generate", action="store_true",
+                   help="also decode greedily at the reference and each precision and report where the continuations "
+                        "part from the reference's, against a noise floor")
+    g.add_argument("--gen-prompts", type=Path, default=None, metavar="FILE",
+                   help="prompts: .txt (one per line) or .jsonl (see --gen-column); default: corpus prefixes, and "
+                        "benchmark question contexts when --tasks are on")
+    g.add_argument("--gen-column", default="text", help="text field of a .jsonl --gen-prompts file")
+    g.add_argument("--gen-tokens", type=int, default=None, help="tokens per continuation (default 32 on CPU, 128 on CUDA)")
+    g.add_argument("--gen-count", type=int, default=None, help="prompts (default 8 on CPU, 64 on CUDA)")
 
 
 def _output_args(run: argparse.ArgumentParser) -> None:

@@ -17,6 +17,8 @@ REFERENCE = "reference"  # changes the reference pass, so every number: resume f
 TESTS = "tests"  # changes only the test passes or what is computed from them: resume fingerprint
 CONTENT = "content"  # changes the numbers, identified at run time by a content hash (checkpoint files,
 #                     token windows, resolved device): the fingerprint holds the value, the cache key the hash
+GENERATION = "generation"  # changes only the generation step (passes/generate.py), which every run computes
+#                            whole and never saves: in neither the resume fingerprint nor the cache key
 
 
 def option(default=None, numbers: str | None = None):
@@ -57,6 +59,11 @@ class RunConfig:
     # short of headroom, "off" never. No saved pass changes, so not in the resume fingerprint.
     repair: str = option("auto", TESTS)
     repair_tokens: int = option(2048, TESTS)  # tokens each repair candidate's pass scores (at most REPAIR_PASSES passes)
+    generate: bool = option(False, GENERATION)  # greedy generation divergence (docs/generation.md)
+    gen_prompts: Path | None = option(numbers=GENERATION)  # .txt or .jsonl prompts; None = corpus and benchmarks
+    gen_column: str = option("text", GENERATION)  # text field of a .jsonl --gen-prompts
+    gen_tokens: int | None = option(numbers=GENERATION)  # tokens per continuation; None = 32 on CPU, 128 on CUDA
+    gen_count: int | None = option(numbers=GENERATION)  # prompts; None = 8 on CPU, 64 on CUDA
 
     def __post_init__(self) -> None:
         if self.seq_len < 1:
@@ -85,6 +92,11 @@ class RunConfig:
             raise UsageError(f"--repair-tokens must be at least 1, got {self.repair_tokens}")
         if self.limit is not None and not self.limit > 0:  # also false for NaN
             raise UsageError(f"--limit must be positive (a count, or a fraction below 1), got {self.limit}")
+        for name in ("gen_tokens", "gen_count"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if not self.generate and (self.gen_prompts or self.gen_tokens or self.gen_count):
+            raise UsageError("--gen-prompts, --gen-tokens and --gen-count need --generate")
 
     def to_dict(self) -> dict[str, object]:
         """Every option as JSON values: the `config` section of results.json."""
@@ -108,7 +120,8 @@ def _json(value):
 
 def numeric_fields(cfg: RunConfig) -> dict[str, object]:
     """The options that change any number, by value: what a resumed run must share with the killed one."""
-    return {f.name: _json(getattr(cfg, f.name)) for f in fields(cfg) if f.metadata["numbers"]}
+    return {f.name: _json(getattr(cfg, f.name)) for f in fields(cfg)
+            if f.metadata["numbers"] and f.metadata["numbers"] != GENERATION}  # (generation is never resumed)
 
 
 def reference_fields(cfg: RunConfig) -> dict[str, object]:

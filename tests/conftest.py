@@ -11,7 +11,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from tiny import build_model  # noqa: E402
+from tiny import build_model, build_trained  # noqa: E402
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -35,6 +35,12 @@ def tiny_llama(tmp_path_factory) -> Path:
 def tiny_qwen_no_bos(tmp_path_factory) -> Path:
     """Qwen2 architecture and a tokenizer without BOS: the previous-token context rule."""
     return build_model(tmp_path_factory.mktemp("tiny") / "qwen2", "qwen2", seed=1, with_bos=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_trained(tmp_path_factory) -> Path:
+    """A tiny Llama trained to repeat four short corpus lines and stop at EOS (greedy output is not a loop)."""
+    return build_trained(tmp_path_factory.mktemp("tiny") / "trained", "llama", seed=0)
 
 
 @pytest.fixture(scope="session")

@@ -95,3 +95,38 @@ def build_planted(path: Path, scales: dict[str, float], arch: str = "llama", see
             params[name].mul_(factor)
     model.to(dtype).save_pretrained(path, safe_serialization=True)
     return path
+
+
+def build_trained(path: Path, arch: str = "llama", seed: int = 0, steps: int = 120, n_lines: int = 4,
+                  line_chars: int = 10) -> Path:
+    """A `build_model` checkpoint trained for a few steps to repeat short corpus lines, each ended by EOS.
+
+    Why: a random-init model's greedy output is a loop of one or two tokens; this one continues a
+    prompt taken from a trained line with the rest of that line and then stops at EOS, and wanders
+    on any other prompt, so decoding tests see both ends (EOS and the token limit).
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    build_model(path, arch, seed)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    lines = [line[:line_chars] for line in corpus_text().splitlines() if line.strip()][:n_lines]
+    seqs = [bos + tokenizer(line, add_special_tokens=False).input_ids + [tokenizer.eos_token_id] for line in lines]
+    width = max(len(s) for s in seqs)
+    ids = torch.tensor([s + [tokenizer.pad_token_id] * (width - len(s)) for s in seqs])
+    labels = torch.tensor([s + [-100] * (width - len(s)) for s in seqs])
+    torch.manual_seed(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    model.train()
+    for _ in range(steps):
+        loss = model(input_ids=ids, labels=labels).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.bos_token_id = tokenizer.bos_token_id
+    model.save_pretrained(path, safe_serialization=True)
+    return path

@@ -26,6 +26,7 @@ from evalsuite.model.loading import hidden_size, load_tokenizer, stored_dtype
 from evalsuite.model.precision import Precision, unsupported_reason
 from evalsuite.model.source import check_model_source, max_positions
 from evalsuite.passes import distributed, repair
+from evalsuite.passes.generate import generate
 from evalsuite.passes.loop import Loop, Plan, Stores
 from evalsuite.passes.observers import Observer
 from evalsuite.store import corpus as corpus_mod
@@ -90,6 +91,10 @@ def run(cfg: RunConfig, source: str, observers: tuple[Observer, ...] = (), resum
         if loop.resumed:  # (a reference read from the cache is reported as a cache hit above)
             say(f"resumed: reused the saved {', '.join(sorted(loop.resumed))} passes")
         repairs = repair.run_repairs(s, loop, observers, timing)  # a safe recipe for each broken precision
+        if cfg.generate:  # after the scoring passes; its results join the observers' (metric additions, a section)
+            t0 = time.perf_counter()
+            observers = (*observers, generate(s, loop, observers))
+            timing["generate_s"] = round(time.perf_counter() - t0, 3)
         timing["total_s"] = round(time.perf_counter() - t_start, 3)
         output = summarize(s, loop, observers, cache_info, timing)
         output = replace(output, results=repair.attach(output.results, repairs))

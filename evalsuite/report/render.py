@@ -19,6 +19,7 @@ from evalsuite.fmt import fmt, pct, pm
 from evalsuite.fmt import is_number as _finite
 from evalsuite.report import bench as bench_report
 from evalsuite.report import charts
+from evalsuite.report import generation as gen_report
 from evalsuite.report import recipes as recipes_report
 from evalsuite.report.bench import obj
 from evalsuite.report.html import env as _env
@@ -199,7 +200,7 @@ def _all_metrics(dtypes: dict, only_unknown: bool = False) -> list[tuple[str, li
     for d in dtypes.values():
         names += [k for k in (d.get("metrics") or {}) if k not in names]
     if only_unknown:
-        hidden = ("noise_", *bench_report.METRIC_PREFIXES)  # the benchmark view shows those
+        hidden = ("noise_", *bench_report.METRIC_PREFIXES, *gen_report.METRIC_PREFIXES)  # their views show those
         names = [k for k in names if k not in SHOWN_METRICS and not k.startswith(hidden)]
     return [(k, [_text((d.get("metrics") or {}).get(k)) if k in (d.get("metrics") or {}) else ""
                  for d in dtypes.values()]) for k in names]
@@ -214,7 +215,8 @@ def _title(model: dict) -> str:
 
 
 def _other_sections(results: dict) -> list[tuple[str, str]]:
-    known = KNOWN_KEYS | ({"benchmarks"} if bench_report.context(results) else set())  # else shown raw
+    known = KNOWN_KEYS | ({"benchmarks"} if bench_report.context(results) else set()) | \
+        ({"generation"} if gen_report.context(results) else set())  # else shown raw
     raw = {k: json.dumps(v, indent=2, ensure_ascii=False) for k, v in results.items() if k not in known}
     return [(k, t if len(t) <= RAW_LIMIT else t[:RAW_LIMIT] + "\n… (cut; see results.json)") for k, t in raw.items()]
 
@@ -235,6 +237,7 @@ def context(results: dict, label: str = "", file: str = "") -> dict:
         "zero_kl": {n: h.get("n_zero") for n, h in hists.items() if isinstance(h, dict) and h.get("n_zero")},
         "numerics": _numerics(results), "gates": _gates(results), "worst": _worst(results),
         "benchmarks": bench_report.context(results), "recipes": recipes_report.context(results),
+        "generation": gen_report.context(results),
         "all_metrics": _all_metrics(dtypes), "more_metrics": _all_metrics(dtypes, only_unknown=True),
         "provenance": _nested(results.get("provenance") or {}), "model_rows": _flatten(model),
         "corpus_rows": _flatten(results.get("corpus") or {}), "config_rows": _flatten(results.get("config") or {}),
