@@ -76,10 +76,11 @@ def test_default_prompts_with_benchmarks(tiny_trained, tmp_path):
     from evalsuite.bench.observer import BenchmarkObserver
     from evalsuite.bench.tasks import prepare
 
-    results, _ = run(cfg, str(tiny_trained), observers=(BenchmarkObserver(prepare(cfg), cfg),))
+    output = run(cfg, str(tiny_trained), observers=(BenchmarkObserver(prepare(cfg), cfg),))
+    results = output.results
     settings = results.sections["generation"]["settings"]
     assert settings["sources"] == {"benchmark": 3, "corpus": 3}
-    records = [json.loads(x) for x in (tmp_path / "generations.jsonl").read_text().splitlines()]
+    records = [json.loads(x) for x in output.files["generations.jsonl"].splitlines()]
     bench = [r for r in records if r["source"] == "benchmark"]
     assert len(bench) == 3 and all(r["prompt"].endswith("答案：") and r["choices"] == ["A", "B", "C", "D"] for r in bench)
     for name in ("fp16", "bf16"):
@@ -96,7 +97,8 @@ def test_broken_precision_diverges_at_its_first_nonfinite_step(tmp_path):
     prompts = _prompt_file(tmp_path, ["今天", f"{HOSTILE} 与 & 符号", "天气很好"])
     cfg = run_config(tmp_path / "out", model=str(path), dtypes=(DTYPES["fp16"],), max_tokens=128, numerics=False,
                      generate=True, gen_prompts=prompts, gen_tokens=6)
-    results, _ = run(cfg, str(path))
+    output = run(cfg, str(path))
+    results = output.results
     html = render_report(results.to_dict())
     gen = html[html.index('<section id="generation">'):]
     gen = gen[: gen.index("</section>")]
@@ -104,7 +106,7 @@ def test_broken_precision_diverges_at_its_first_nonfinite_step(tmp_path):
     assert "<mark>" in gen and "non-finite logits" in gen
     m = results.dtypes["fp16"].metrics
     assert results.dtypes["fp16"].status == "broken"
-    records = [json.loads(x) for x in (tmp_path / "out" / "generations.jsonl").read_text().splitlines()]
+    records = [json.loads(x) for x in output.files["generations.jsonl"].splitlines()]
     steps = [r["continuations"]["fp16"]["nonfinite_step"] for r in records]
     assert m["gen_nonfinite_prompts"] == sum(s is not None for s in steps) > 0
     for r, s in zip(records, steps, strict=True):
@@ -132,12 +134,13 @@ def test_gemma_bf16_and_fp16_on_chinese_prompts(demo_model, tmp_path):
                                       "春节是中国最重要的传统节日之一，"])
     cfg = run_config(tmp_path, model=str(demo_model), max_tokens=64, numerics=False, generate=True,
                      gen_prompts=prompts, gen_tokens=16)
-    results, _ = run(cfg, str(demo_model))
+    output = run(cfg, str(demo_model))
+    results = output.results
     bf16, fp16 = results.dtypes["bf16"].metrics, results.dtypes["fp16"].metrics
     assert bf16["gen_nonfinite_prompts"] == 0 and bf16["gen_identical"] >= 0.5 and bf16["noise_gen_identical"] == 1.0
     assert bf16["gen_ref_logprob"] > -5
     assert fp16["gen_nonfinite_prompts"] == 4 and fp16["gen_identical"] == 0 and fp16["gen_first_div_median"] == 0
-    texts = [json.loads(x)["reference"]["text"] for x in (tmp_path / "generations.jsonl").read_text().splitlines()]
+    texts = [json.loads(x)["reference"]["text"] for x in output.files["generations.jsonl"].splitlines()]
     assert all(re.search(r"[\u4e00-\u9fff]", t) for t in texts)  # Chinese continuations
     # the step's decoding is transformers' own greedy decoding, on the real model too
     tok = load_tokenizer(str(demo_model))
