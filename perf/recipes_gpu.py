@@ -107,7 +107,7 @@ def main(argv=None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     args.work.mkdir(parents=True, exist_ok=True)
     device = "cpu" if args.smoke else "cuda"
-    shapes = ["tiny-qwen2"] if args.smoke else args.shapes.split(",")
+    shapes = ["tiny-qwen2"] if args.smoke else [s for s in args.shapes.split(",") if s]
     tokens, seq = (256, 64) if args.smoke else (args.tokens, args.seq_len)
     _tokenizer(args.work / "tok")
     for shape in shapes:
