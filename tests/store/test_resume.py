@@ -88,3 +88,23 @@ def test_same_command_twice_gives_identical_metrics(tiny_llama, tmp_path, uninte
     proc = _cli(["run", "--model", str(tiny_llama), "--out", str(tmp_path), *FAST, *EXTRA])
     assert proc.returncode == 0, proc.stderr
     assert _metrics(tmp_path) == _metrics(uninterrupted)
+
+
+def test_kill_during_recipes_and_generation_then_resume(tiny_llama, tmp_path):
+    """This round's passes resume too: a recipe's pass is kept, the generation step (never saved) is
+    recomputed, and every metric equals an uninterrupted run's."""
+    extra = [*EXTRA, "--no-reference-cache", "--dtypes", "fp16,fp16+res32,bf16@fp16", "--generate",
+             "--gen-count", "3", "--gen-tokens", "4"]
+    whole = tmp_path / "whole"
+    assert _cli(["run", "--model", str(tiny_llama), "--out", str(whole), *FAST, *extra]).returncode == 0
+    args = ["run", "--model", str(tiny_llama), "--out", str(tmp_path / "r"), *FAST, *extra]
+    killed = _cli(args, "kill-after:fp16+res32")
+    assert killed.returncode == -signal.SIGKILL
+    resumed = _cli(args)
+    assert resumed.returncode == 0, resumed.stderr
+    data = json.loads((tmp_path / "r" / "results.json").read_text())
+    assert set(data["provenance"]["resumed_passes"]) >= {"fp32", "fp16", "fp16+res32"}
+    got, want = _metrics(tmp_path / "r"), _metrics(whole)
+    strip = lambda m: {d: {k: v for k, v in x.items() if "tokens_per_s" not in k} for d, x in m.items()}  # noqa: E731
+    assert strip(got) == strip(want) and "gen_identical" in got["bf16@fp16"]
+    assert (tmp_path / "r" / "generations.jsonl").read_text() == (whole / "generations.jsonl").read_text()
