@@ -60,8 +60,11 @@ class TensorConversion:
 
 
 def _stored_precision(stored: str | None) -> Precision | None:
-    names = {"float16": "fp16", "fp16": "fp16", "bfloat16": "bf16", "bf16": "bf16"}
-    return DTYPES[names[stored]] if stored in names else None
+    """The 2-byte precision a checkpoint is stored in ("float16" or "fp16"), from the one table; else None."""
+    for name, p in DTYPES.items():
+        if p.is_half and stored in (name, str(p.dtype).removeprefix("torch.")):
+            return p
+    return None
 
 
 def _count(mask: torch.Tensor) -> torch.Tensor:
