@@ -112,6 +112,12 @@ class Stores:
     writer: BackgroundWriter
 
 
+def pass_label(name: str, seg: int, segments) -> str:
+    """The progress bar's label: a bar covers one segment, so a run of several says which one
+    (a bar at 100 % is then that segment's end, not the precision's)."""
+    return f"{name} segment {seg + 1}/{len(segments)}" if segments and len(segments) > 1 else name
+
+
 def after_pass(loop: Loop, name: str) -> None:
     """Called once each pass is saved; a seam for the interruption tests (tests/faultrun.py), a no-op here."""
 
@@ -250,7 +256,7 @@ class Loop:
             staged = staging(seg_tokens, self.device, divergence=False)
             before = self.ref.timing["pass_s"]
             self.batch = timed_pass(ctx, scorer, seg_windows, partial(keep_reference, buffer, staged), staged,
-                                    self.ref, self.observers, f"{ref_name} (reference)")
+                                    self.ref, self.observers, pass_label(f"{ref_name} (reference)", seg, self.segments))
             saved = self.ref.segment(offset, seg_tokens)
             meta = {"timing": _timing(self.ref, load_s, before),
                     "batch_size": self.batch, "observers": self._snapshots(ctx)}
@@ -298,7 +304,8 @@ class Loop:
         staged = staging(len(buffer), self.device, divergence=True)
         before = test.timing["pass_s"]
         try:
-            timed_pass(ctx, scorer, seg_windows, partial(compare, buffer, staged), staged, test, self.observers, p.name)
+            timed_pass(ctx, scorer, seg_windows, partial(compare, buffer, staged), staged, test, self.observers,
+                       pass_label(p.name, seg, self.segments))
         except EvalsuiteError as exc:  # e.g. out of memory even at batch size 1: the others go on
             self.failed[p.name] = str(exc)
             say(f"{p.name} failed: {exc}; the other dtypes go on")

@@ -168,3 +168,10 @@ def test_observers_see_every_pass_and_batch(tiny_llama, tmp_path):
         assert covered == results.corpus["n_tokens"]
     assert results.dtypes["fp16"].metrics["recorded/kl_mean"] == results.dtypes["fp16"].metrics["kl_mean"]
     assert results.sections["recorder"] == {"n": 6}
+
+
+def test_progress_label_names_the_segment_of_a_multi_segment_run():
+    from evalsuite.passes.loop import pass_label
+
+    assert pass_label("fp16", 0, [(0, 4, 0)]) == "fp16"
+    assert pass_label("fp16", 1, [(0, 4, 0), (4, 8, 256), (8, 9, 512)]) == "fp16 segment 2/3"
