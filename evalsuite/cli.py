@@ -74,6 +74,7 @@ def config_from_args(args: argparse.Namespace):
         reference_cache=None if args.no_reference_cache else (args.reference_cache or default_cache_dir()),
         reference_cache_gib=args.reference_cache_gib,
         compile=args.compile,
+        cpu_half_gemm=args.cpu_half_gemm,
         repair=args.repair,
         repair_tokens=args.repair_tokens,
         generate=args.generate,

@@ -201,6 +201,10 @@ def _performance_args(run: argparse.ArgumentParser) -> None:
     g.add_argument("--compile", action="store_true",
                    help="torch.compile the FP16/BF16 models' attention, MLP and norm modules: faster long runs "
                         "after a few seconds of compiling per dtype; not bit-identical to eager")
+    g.add_argument("--cpu-half-gemm", choices=("auto", "fp32", "native"), default="auto",
+                   help="FP16/BF16 matmuls on a CPU: 'fp32' computes them as FP32 GEMMs of the half operands, "
+                        "rounded once (the same arithmetic, 5x faster without AMX/AVX512-FP16); 'native' keeps "
+                        "PyTorch's kernel; 'auto' is native where the CPU has the instructions (default: auto)")
     g.add_argument("--reference-cache", type=Path, default=None, metavar="DIR",
                    help="where finished reference passes are kept and reused (default: $EVALSUITE_CACHE/"
                         "reference or ~/.cache/evalsuite/reference)")

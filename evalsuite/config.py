@@ -55,6 +55,7 @@ class RunConfig:
     reference_cache: Path | None = option()  # directory of cached reference passes (refcache.py); None = off
     reference_cache_gib: float = option(64.0)  # the cache evicts least recently used entries beyond this size
     compile: bool = option(False, TESTS)  # torch.compile the 2-byte test models' attention/MLP/norm modules
+    cpu_half_gemm: str = option("auto", TESTS)  # FP16/BF16 Linears on a CPU: "auto", "fp32" or "native" (model/cpu.py)
     # repair (passes/repair.py): "auto" searches a safe recipe for each broken precision, "on" also for those
     # short of headroom, "off" never. No saved pass changes, so not in the resume fingerprint.
     repair: str = option("auto", TESTS)

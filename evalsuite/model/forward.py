@@ -25,7 +25,7 @@ from evalsuite.model.loading import model_part
 
 # float32 bytes of one (C, V) logits chunk. On CUDA the fused kernel (kernels.py) needs no
 # temporaries beyond the chunk; the CPU path makes float64 copies, so its chunks stay small.
-CHUNK_BYTES = {"cuda": 1024 * 2**20, "cpu": 32 * 2**20}
+CHUNK_BYTES = {"cuda": 1024 * 2**20, "cpu": 128 * 2**20}
 
 
 class Scorer:

@@ -28,6 +28,7 @@ from evalsuite.config import RunConfig
 from evalsuite.errors import EvalsuiteError
 from evalsuite.log import say
 from evalsuite.model.convert import load_recipe
+from evalsuite.model.cpu import fp32_accumulating_linears
 from evalsuite.model.forward import Scorer
 from evalsuite.model.loading import load_model, placement, unload
 from evalsuite.model.precision import Precision, exact_fp32, pass_flags
@@ -203,6 +204,9 @@ class Loop:
         load = load_model if p.is_plain else load_recipe
         model = load(self.source, p, self.device, self.cfg.trust_remote_code, self.cfg.attn_implementation,
                      device_map=self.cfg.device_map)
+        routed = fp32_accumulating_linears(model, self.cfg.cpu_half_gemm)
+        if routed:
+            self.prov.cpu_half_gemm[p.name] = routed
         return model, time.perf_counter() - t0
 
     def _scorer(self, model, p: Precision, arrays: TokenArrays | None = None) -> Scorer:

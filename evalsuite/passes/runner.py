@@ -21,6 +21,7 @@ from evalsuite.log import only_rank0, say
 from evalsuite.metrics import kernels
 from evalsuite.metrics.registry import PER_TOKEN_FILE
 from evalsuite.metrics.summary import build_results
+from evalsuite.model.cpu import tune_allocator
 from evalsuite.model.forward import auto_batch_size
 from evalsuite.model.loading import hidden_size, load_tokenizer, stored_dtype
 from evalsuite.model.precision import Precision, unsupported_reason
@@ -64,6 +65,7 @@ class Setup:
     tests: tuple[Precision, ...]
     skipped: dict[str, str]  # precision -> why this device can't run it
     dist: distributed.Dist | None
+    allocator_tuned: bool = False  # model/cpu.tune_allocator ran (a CPU run on glibc)
 
 
 def run(cfg: RunConfig, source: str, observers: tuple[Observer, ...] = (), resume: bool = False,
@@ -118,6 +120,7 @@ def setup(cfg: RunConfig, source: str, dist, timing: dict) -> Setup:
             cfg = replace(cfg, progress=False)
     torch.manual_seed(cfg.seed)
     device = resolve_device(device_name)
+    tuned = device.type == "cpu" and tune_allocator()
     check_model_source(source)
     limit = max_positions(source)
     if limit is not None and cfg.seq_len + 1 > limit:  # a window is seq_len tokens plus one of context
@@ -135,7 +138,7 @@ def setup(cfg: RunConfig, source: str, dist, timing: dict) -> Setup:
     if cfg.noise_tokens == 0:
         say("--noise-tokens 0: no noise floor is measured, so no divergence figure has a floor to stand against")
     tests, skipped = runnable(cfg, device)
-    return Setup(cfg, source, device, tokenizer, windows, corpus_identity, tests, skipped, dist)
+    return Setup(cfg, source, device, tokenizer, windows, corpus_identity, tests, skipped, dist, tuned)
 
 
 def runnable(cfg: RunConfig, device: torch.device) -> tuple[tuple[Precision, ...], dict[str, str]]:
@@ -257,6 +260,7 @@ def summarize(s: Setup, loop: Loop, observers, cache_info: dict, timing: dict) -
     prov = loop.prov
     prov.batch_size, prov.device, prov.device_map = loop.batch, str(s.device), s.cfg.device_map
     prov.divergence_path = "fused-triton-float64" if kernels.available(s.device) else "torch-float64"
+    prov.cpu_allocator = "glibc mmap and trim thresholds raised (model/cpu.py)" if s.allocator_tuned else None
     prov.resumed_passes, prov.reference_cache, prov.run_timing = sorted(loop.resumed), cache_info, timing
     results = build_results(s, loop, stored_dtype(s.source))
     files: dict[str, str] = {}

@@ -38,6 +38,8 @@ class Provenance:
     placement: dict | None = None  # --device-map: modules per device
     padded_head: dict = field(default_factory=dict)  # precision -> whether its head ran zero-padded
     compiled: dict | None = None  # --compile: backend, settings, modules and seconds per precision
+    cpu_half_gemm: dict = field(default_factory=dict)  # precision -> Linears run as FP32 GEMMs on a CPU (model/cpu.py)
+    cpu_allocator: str | None = None  # "glibc thresholds raised" where model/cpu.tune_allocator applied
     # the run (passes/runner.py)
     batch_size: int | None = None
     device: str | None = None
@@ -64,7 +66,8 @@ class Provenance:
 
 _NAMES = {f.name for f in fields(Provenance)}
 _PLAN = ("reference_flags", "logits_path", "logits_path_reason", "chunk_tokens", "buffer_tokens", "n_segments",
-         "attn_implementation", "placement", "padded_head", "compiled", "test_flags")
+         "attn_implementation", "placement", "padded_head", "compiled", "test_flags",
+         "cpu_half_gemm")
 
 
 def _unknown(name: str) -> None:
