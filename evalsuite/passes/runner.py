@@ -12,6 +12,7 @@ import gc
 import time
 from dataclasses import dataclass, replace
 
+import numpy as np
 import torch
 
 import evalsuite
@@ -30,9 +31,11 @@ from evalsuite.passes.generate import generate
 from evalsuite.passes.loop import Loop, Plan, Stores
 from evalsuite.passes.observers import Observer
 from evalsuite.store import corpus as corpus_mod
+from evalsuite.store import rolling
 from evalsuite.store.logits import BackgroundWriter
 from evalsuite.store.refcache import ReferenceCache, cache_fields, checkpoint_digest, tokens_digest
 from evalsuite.store.state import RunState, model_signature
+from evalsuite.store.windows import LM_EVAL, scored_counts
 
 __all__ = ["run", "noise_budget"]
 
@@ -126,10 +129,12 @@ def setup(cfg: RunConfig, source: str, dist, timing: dict) -> Setup:
     tokenizer = load_tokenizer(source, cfg.trust_remote_code)
     t0 = time.perf_counter()
     texts, corpus_identity = corpus_mod.load_texts(cfg.corpus)
-    windows = corpus_mod.tokenize(texts, tokenizer, cfg.seq_len, cfg.max_tokens)
+    tokenize = rolling.tokenize if cfg.windowing == LM_EVAL else corpus_mod.tokenize
+    windows = tokenize(texts, tokenizer, cfg.seq_len, cfg.max_tokens)
     timing["tokenize_s"] = round(time.perf_counter() - t0, 3)
-    say(f"{windows.n_tokens} tokens in {len(windows.windows)} windows of up to {cfg.seq_len} "
-        f"({windows.context} context)")
+    how = (f"lm-eval windowing: {len(np.unique(windows.documents))} documents, each from {windows.context.upper()}"
+           if windows.windowing == LM_EVAL else f"{windows.context} context")
+    say(f"{windows.n_tokens} tokens in {len(windows.windows)} windows of up to {cfg.seq_len} ({how})")
     if windows.n_tokens < SMALL_RUN:
         say(f"only {windows.n_tokens} tokens are scored: every figure will carry a wide standard error")
     if cfg.noise_tokens == 0:
@@ -163,12 +168,14 @@ def shard(s: Setup) -> Plan:
     cfg, mine = s.cfg, s.windows
     if s.dist is not None:
         first, last = distributed.share(len(s.windows.windows), s.dist)
-        lo = sum(len(w) - 1 for w in s.windows.windows[:first])
-        sub = s.windows.windows[first:last]
+        lo = int(scored_counts(s.windows.windows[:first]).sum())
+        sub = s.windows.windows[first:last]  # (a WindowList's slice keeps its unscored counts)
         if not sub:
             raise UsageError(f"{s.dist.world} ranks but only {len(s.windows.windows)} windows: use fewer processes")
-        n_sub = sum(len(w) - 1 for w in sub)
-        mine = replace(s.windows, windows=sub, target_bytes=s.windows.target_bytes[lo:lo + n_sub])
+        n_sub = int(scored_counts(sub).sum())
+        docs = s.windows.documents
+        mine = replace(s.windows, windows=sub, target_bytes=s.windows.target_bytes[lo:lo + n_sub],
+                       documents=None if docs is None else docs[lo:lo + n_sub])
         say(f"data-parallel: {s.dist.world} ranks, about {mine.n_tokens} tokens each")
     width = hidden_size(s.source, cfg.trust_remote_code) if s.device.type == "cuda" and not cfg.batch_size else None
     batch = cfg.batch_size or auto_batch_size(s.device, cfg.seq_len, width)
@@ -277,6 +284,8 @@ def summarize(s: Setup, loop: Loop, observers, cache_info: dict, timing: dict) -
     ref = s.cfg.reference.name
     per_token = {"targets": s.windows.targets, "target_bytes": s.windows.target_bytes,
                  f"{ref}/nll": loop.ref.nll, f"{ref}/argmax": loop.ref.argmax}
+    if s.windows.documents is not None:  # lm-eval windowing: a document's loglikelihood is the sum of its -nll
+        per_token["document"] = s.windows.documents
     for name, a in loop.arrays.items():
         per_token.update({f"{name}/{k}": getattr(a, k) for k in PER_TOKEN_FILE})
     return RunOutput(results, per_token, files, tuple(failures))
