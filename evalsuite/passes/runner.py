@@ -12,7 +12,6 @@ import gc
 import time
 from dataclasses import dataclass, replace
 
-import numpy as np
 import torch
 
 import evalsuite
@@ -35,7 +34,7 @@ from evalsuite.store import rolling
 from evalsuite.store.logits import BackgroundWriter
 from evalsuite.store.refcache import ReferenceCache, cache_fields, checkpoint_digest, tokens_digest
 from evalsuite.store.state import RunState, model_signature
-from evalsuite.store.windows import LM_EVAL, scored_counts
+from evalsuite.store.windows import LM_EVAL
 
 __all__ = ["run", "noise_budget"]
 
@@ -132,9 +131,7 @@ def setup(cfg: RunConfig, source: str, dist, timing: dict) -> Setup:
     tokenize = rolling.tokenize if cfg.windowing == LM_EVAL else corpus_mod.tokenize
     windows = tokenize(texts, tokenizer, cfg.seq_len, cfg.max_tokens)
     timing["tokenize_s"] = round(time.perf_counter() - t0, 3)
-    how = (f"lm-eval windowing: {len(np.unique(windows.documents))} documents, each from {windows.context.upper()}"
-           if windows.windowing == LM_EVAL else f"{windows.context} context")
-    say(f"{windows.n_tokens} tokens in {len(windows.windows)} windows of up to {cfg.seq_len} ({how})")
+    say(f"{windows.n_tokens} tokens in {len(windows.windows)} windows of up to {cfg.seq_len} ({windows.described})")
     if windows.n_tokens < SMALL_RUN:
         say(f"only {windows.n_tokens} tokens are scored: every figure will carry a wide standard error")
     if cfg.noise_tokens == 0:
@@ -168,14 +165,9 @@ def shard(s: Setup) -> Plan:
     cfg, mine = s.cfg, s.windows
     if s.dist is not None:
         first, last = distributed.share(len(s.windows.windows), s.dist)
-        lo = int(scored_counts(s.windows.windows[:first]).sum())
-        sub = s.windows.windows[first:last]  # (a WindowList's slice keeps its unscored counts)
-        if not sub:
+        if last <= first:
             raise UsageError(f"{s.dist.world} ranks but only {len(s.windows.windows)} windows: use fewer processes")
-        n_sub = int(scored_counts(sub).sum())
-        docs = s.windows.documents
-        mine = replace(s.windows, windows=sub, target_bytes=s.windows.target_bytes[lo:lo + n_sub],
-                       documents=None if docs is None else docs[lo:lo + n_sub])
+        mine = s.windows.part(first, last)
         say(f"data-parallel: {s.dist.world} ranks, about {mine.n_tokens} tokens each")
     width = hidden_size(s.source, cfg.trust_remote_code) if s.device.type == "cuda" and not cfg.batch_size else None
     batch = cfg.batch_size or auto_batch_size(s.device, cfg.seq_len, width)

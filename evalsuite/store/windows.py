@@ -14,7 +14,7 @@ each slice must keep its counts; a slice of a WindowList is a WindowList.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -63,6 +63,21 @@ class TokenWindows:
     @property
     def n_tokens(self) -> int:
         return int(scored_counts(self.windows).sum())
+
+    @property
+    def described(self) -> str:
+        """How the windows were made, for the run's first message."""
+        if self.documents is None:
+            return f"{self.context} context"
+        return f"lm-eval windowing: {len(np.unique(self.documents))} documents, each from {self.context.upper()}"
+
+    def part(self, first: int, last: int) -> TokenWindows:
+        """Windows [first, last) with their scored tokens' bytes and documents: a data-parallel rank's share."""
+        lo = int(scored_counts(self.windows[:first]).sum())
+        sub = self.windows[first:last]  # a WindowList's slice keeps its unscored counts
+        hi = lo + int(scored_counts(sub).sum())
+        return replace(self, windows=sub, target_bytes=self.target_bytes[lo:hi],
+                       documents=None if self.documents is None else self.documents[lo:hi])
 
     @property
     def targets(self) -> np.ndarray:  # (N,) the scored token ids, in window order

@@ -209,3 +209,13 @@ def _sha(a: np.ndarray) -> str:
     import hashlib
 
     return hashlib.sha256(a.tobytes()).hexdigest()
+
+
+def test_data_parallel_parts_add_up_to_the_whole(tiny_llama):
+    tok = load_tokenizer(str(tiny_llama))
+    docs = [line[:k] for line, k in zip(corpus_text().splitlines()[:6], (5, 30, 80, 12, 60, 9), strict=True)]
+    whole = rolling.tokenize(docs, tok, SEQ)
+    parts = [whole.part(a, b) for a, b in ((0, 2), (2, 5), (5, len(whole.windows)))]
+    assert sum(p.n_tokens for p in parts) == whole.n_tokens
+    for name in ("targets", "target_bytes", "documents"):
+        assert np.concatenate([getattr(p, name) for p in parts]).tolist() == getattr(whole, name).tolist()
