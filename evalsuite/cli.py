@@ -55,6 +55,7 @@ def config_from_args(args: argparse.Namespace):
                           hf_split=args.corpus_split),
         seq_len=args.seq_len,
         max_tokens=args.max_tokens,
+        windowing=args.windowing,
         batch_size=args.batch_size,
         out_dir=out,
         seed=args.seed,

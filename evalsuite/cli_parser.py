@@ -127,6 +127,11 @@ def _data_args(run: argparse.ArgumentParser) -> None:
     g.add_argument("--corpus-split", default="test", help="Hugging Face dataset split")
     g.add_argument("--seq-len", type=int, default=2048, help="scored tokens per window")
     g.add_argument("--max-tokens", type=int, default=None, help="score at most this many tokens (default: all)")
+    g.add_argument("--windowing", choices=["stream", "lm-eval"], default="stream",
+                   help="stream: the documents as one concatenated stream cut into --seq-len windows; lm-eval: each "
+                        "document on its own, tokens and windows as lm-eval's loglikelihood_rolling with max_length "
+                        "--seq-len, so perplexity and bits per byte compare with lm-eval's (README: How tokens are "
+                        "scored)")
     g.add_argument("--seed", type=int, default=0, help="seed of every random choice (torch, sampled prompts)")
 
 

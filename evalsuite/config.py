@@ -10,6 +10,7 @@ import torch
 from evalsuite.errors import UsageError
 from evalsuite.model.precision import Precision
 from evalsuite.store.corpus import CorpusSpec
+from evalsuite.store.windows import WINDOWINGS
 
 # What an option changes, read by `numeric_fields` (the resume fingerprint) and
 # `reference_fields` (the reference cache key): one place decides, instead of two hand-kept lists.
@@ -36,6 +37,9 @@ class RunConfig:
     corpus: CorpusSpec | None = option(numbers=CONTENT)
     seq_len: int = option(2048, CONTENT)
     max_tokens: int | None = option(numbers=CONTENT)
+    # "stream" (store/corpus.py) or "lm-eval" (store/rolling.py): which tokens are scored, in which windows;
+    # the cache key holds it through the token windows' hash (refcache.tokens_digest)
+    windowing: str = option("stream", CONTENT)
     batch_size: int | None = option(numbers=REFERENCE)  # None = automatic
     out_dir: Path = option(Path("reports/run"))
     seed: int = option(0, TESTS)
@@ -71,6 +75,8 @@ class RunConfig:
             raise UsageError(f"--seq-len must be at least 1, got {self.seq_len}")
         if self.noise_tokens < 0:
             raise UsageError(f"--noise-tokens must be at least 0 (0: no noise floor), got {self.noise_tokens}")
+        if self.windowing not in WINDOWINGS:
+            raise UsageError(f"--windowing must be one of {', '.join(WINDOWINGS)}, got {self.windowing!r}")
         if self.max_tokens is not None and self.max_tokens < 1:
             raise UsageError(f"--max-tokens must be at least 1, got {self.max_tokens}")
         if self.batch_size is not None and self.batch_size < 1:

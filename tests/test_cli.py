@@ -40,6 +40,34 @@ def test_run_end_to_end(tiny_llama, tmp_path, capsys):
     assert "fp16" in captured.out and "KL mean" in captured.out  # the terminal table
 
 
+def test_run_with_the_lm_eval_windowing(tiny_llama, tmp_path, capsys):
+    """--windowing lm-eval end to end: per-document scoring recorded in results.json, per_token.npz and the
+    report; it enters the resume fingerprint; a bad value is a usage error."""
+    from evalsuite.cli import config_from_args
+    from evalsuite.cli_parser import build_parser
+    from evalsuite.config import numeric_fields
+
+    docs = ["人民日报：今天天气很好。" * 9, "第二行 with English, 数字 2024 年。", "第三行"]
+    corpus = tmp_path / "docs.txt"
+    corpus.write_text("\n".join(docs), encoding="utf-8")
+    out = tmp_path / "out"
+    argv = ["run", "--model", str(tiny_llama), "--corpus", str(corpus), "--windowing", "lm-eval", "--dtypes", "bf16",
+            "--tasks", "none", "--no-numerics", "--out", str(out), "--device", "cpu", "--seq-len", "32", "--no-progress"]
+    rc = main(argv)
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    assert "lm-eval windowing: 3 documents" in captured.err
+    data = json.loads((out / "results.json").read_text())
+    assert data["corpus"]["windowing"] == "lm-eval" and data["config"]["windowing"] == "lm-eval"
+    assert data["corpus"]["n_scored_documents"] == 3 and data["corpus"]["n_scored_bytes"] == sum(
+        len(d.encode("utf-8")) for d in docs)
+    assert np.unique(np.load(out / "per_token.npz")["document"]).tolist() == [0, 1, 2]
+    assert "lm-eval windowing" in (out / "report.html").read_text(encoding="utf-8")
+    cfg = config_from_args(build_parser().parse_args(argv))
+    assert numeric_fields(cfg)["windowing"] == "lm-eval"
+    _one_line_error(capsys, 2, main([*argv, "--windowing", "rolling"]))
+
+
 def test_console_script(tiny_llama, tmp_path):
     exe = shutil.which("evalsuite") or pytest.skip("console script not installed (pip install -e .)")
     proc = subprocess.run([exe, "run", "--model", str(tiny_llama), "--dtypes", "bf16", "--out", str(tmp_path), *FAST],

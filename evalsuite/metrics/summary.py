@@ -14,6 +14,7 @@ from evalsuite.metrics.attribution import attribution
 from evalsuite.metrics.stats import divergence_stats, kl_histogram, paired_perplexity, perplexity
 from evalsuite.store.provenance import Provenance
 from evalsuite.store.results import DtypeResult, RunResults
+from evalsuite.store.windows import scored_counts
 
 WORST_TOKENS = 12
 CONTEXT_TOKENS = 24
@@ -72,7 +73,11 @@ def build_results(s, loop, stored_dtype: str | None) -> RunResults:
                   "is_demo": cfg.model is None, "vocab_size": int(getattr(tokenizer, "vocab_size", 0) or 0)}
     corpus_info = {**s.corpus_identity, "n_tokens": windows.n_tokens, "n_windows": len(windows.windows),
                    "seq_len": windows.seq_len, "context": windows.context,
-                   "n_scored_bytes": int(windows.target_bytes.sum()), "tokenizer": type(tokenizer).__name__}
+                   "n_scored_bytes": int(windows.target_bytes.sum()), "tokenizer": type(tokenizer).__name__,
+                   "windowing": windows.windowing}
+    if windows.documents is not None:  # lm-eval: the divisors of its byte and word perplexity
+        corpus_info.update(n_scored_documents=int(len(np.unique(windows.documents))),
+                           n_scored_words=windows.n_words)
     return RunResults(
         config=cfg.to_dict(), provenance=_provenance(loop.prov, s.device), model=model_info, corpus=corpus_info,
         reference=cfg.reference.name, dtypes=dtypes, noise_floor=noise_section, sections=sections,
@@ -139,7 +144,7 @@ def _worst_tokens(a, ref, ok, windows, tokenizer) -> list[dict]:
     kl = np.where(ok, a.kl, -np.inf)
     order = np.argsort(-kl, kind="stable")[:WORST_TOKENS]
     targets = windows.targets
-    starts = np.cumsum([0] + [len(w) - 1 for w in windows.windows])
+    starts = np.concatenate([[0], np.cumsum(scored_counts(windows.windows))])
     out = []
     for i in order:
         if not np.isfinite(kl[i]):

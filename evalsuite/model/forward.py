@@ -22,6 +22,7 @@ from evalsuite.errors import EvalsuiteError
 from evalsuite.model.compiled import compile_modules, warm_up
 from evalsuite.model.head import apply_head, padded_head
 from evalsuite.model.loading import model_part
+from evalsuite.store.windows import scored_counts, unscored_of
 
 # float32 bytes of one (C, V) logits chunk. On CUDA the fused kernel (kernels.py) needs no
 # temporaries beyond the chunk; the CPU path makes float64 copies, so its chunks stay small.
@@ -112,25 +113,49 @@ class Scorer:
         return same
 
     @torch.inference_mode()
-    def chunks(self, ids: torch.Tensor) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+    def chunks(self, ids: torch.Tensor, skip: tuple[torch.Tensor, int] | None = None
+               ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
         """ids (B, T+1) on the device: inputs ids[:, :-1], targets ids[:, 1:], flattened row-major.
 
-        Logits and targets are yielded on `self.device`, whichever devices the model spans.
+        skip: None (every target scored), or (unscored (B,) int64 on ids' device, n scored targets):
+        row b's first unscored[b] targets are context only (lm-eval's last window of a document,
+        windows.py). Only the n scored positions are yielded, in the same row-major order, and
+        only their hidden states reach the head. Logits and targets are yielded on `self.device`,
+        whichever devices the model spans.
         """
         home = self._home
-        inputs, targets = ids[:, :-1], _to(ids[:, 1:].reshape(-1), home)  # (B, T), (B*T,)
+        inputs, targets = ids[:, :-1], ids[:, 1:].reshape(-1)  # (B, T), (B*T,)
+        index = None if skip is None else scored_positions(skip[0], inputs.shape[1], skip[1])  # (n,)
+        targets = _to(targets if index is None else targets[index], home)  # (n,)
         if self.split:
             hidden = self._body(inputs)  # (B, T, H) on the head's device
             hidden = hidden.reshape(-1, hidden.shape[-1])  # (B*T, H)
+            if index is not None:
+                hidden = hidden.index_select(0, _to(index, hidden.device))  # (n, H): the scored positions
             for start in range(0, hidden.shape[0], self.chunk_tokens):
                 stop = min(start + self.chunk_tokens, hidden.shape[0])
                 yield start, _to(self._split_logits(hidden[start:stop]), home), targets[start:stop]
         else:
             logits = self._forward_ids(_to(inputs, self.input_device))  # (B, T, V)
             logits = logits.reshape(-1, logits.shape[-1])
-            for start in range(0, logits.shape[0], self.chunk_tokens):
-                stop = min(start + self.chunk_tokens, logits.shape[0])
-                yield start, _to(logits[start:stop], home), targets[start:stop]
+            rows = None if index is None else _to(index, logits.device)
+            n = logits.shape[0] if rows is None else len(rows)
+            for start in range(0, n, self.chunk_tokens):
+                stop = min(start + self.chunk_tokens, n)
+                part = logits[start:stop] if rows is None else logits.index_select(0, rows[start:stop])
+                yield start, _to(part, home), targets[start:stop]
+
+
+def scored_positions(unscored: torch.Tensor, length: int, n: int) -> torch.Tensor:
+    """(n,) int64 flat positions in (B*length) of each row's scored targets, row b's last length - unscored[b].
+
+    Built on unscored's device with `n` known on the host, so no host sync (no nonzero, no .item()).
+    """
+    counts = length - unscored  # (B,) scored per row
+    rows = torch.repeat_interleave(torch.arange(len(counts), device=counts.device), counts, output_size=n)  # (n,)
+    first = torch.cumsum(counts, 0) - counts  # (B,) where each row's scored targets begin among the n
+    within = torch.arange(n, device=counts.device) - first[rows]  # (n,) index among the row's scored targets
+    return rows * length + unscored[rows] + within
 
 
 def concrete(device: torch.device) -> torch.device:
@@ -170,20 +195,23 @@ def run_pass(scorer: Scorer, windows: list[np.ndarray], batch_size: int, on_chun
              on_batch: Callable[[int, torch.Tensor], None] | None = None) -> PassStats:
     """Feed `windows` through the model in batches of equal-length windows (no padding).
 
-    On CUDA out-of-memory the batch size halves and the batch is redone (on_chunk writes to
-    fixed positions, so a redo is harmless); at batch size 1 the error says what would fit.
+    Offsets count scored targets (a WindowList's unscored ones are skipped, windows.py). On CUDA
+    out-of-memory the batch size halves and the batch is redone (on_chunk writes to fixed
+    positions, so a redo is harmless); at batch size 1 the error says what would fit.
     """
     import time
 
     device = scorer.device
     gpus = [d for d in scorer.devices if d.type == "cuda"]  # all the model's GPUs
-    total = sum(len(w) - 1 for w in windows)
+    counts, heads = scored_counts(windows), unscored_of(windows)  # (W,) scored, (W,) unscored or None
+    total = int(counts.sum())
     bar = tqdm(total=total, desc=desc, unit="tok", disable=not progress, leave=False, dynamic_ncols=True)
     _sync(gpus)
     for gpu in gpus:
         torch.cuda.reset_peak_memory_stats(gpu)
     t0 = time.perf_counter()
     flat, starts = _upload(windows, device)
+    skips = _upload([heads], device)[0] if heads is not None and heads.any() else None  # (W,) on the device
     i, offset = 0, 0
     while i < len(windows):
         length = len(windows[i])
@@ -191,10 +219,12 @@ def run_pass(scorer: Scorer, windows: list[np.ndarray], batch_size: int, on_chun
         while j < len(windows) and j - i < batch_size and len(windows[j]) == length:
             j += 1
         ids = flat[starts[i] : starts[j]].view(j - i, length)  # (b, T+1): consecutive windows of one length
+        n = int(counts[i:j].sum())
+        skip = (skips[i:j], n) if skips is not None and heads[i:j].any() else None
         if on_batch is not None:
             on_batch(offset, ids)
         try:
-            for start, logits, targets in scorer.chunks(ids):
+            for start, logits, targets in scorer.chunks(ids, skip):
                 on_chunk(offset + start, logits, targets)
         except torch.OutOfMemoryError as exc:
             del ids
@@ -207,7 +237,6 @@ def run_pass(scorer: Scorer, windows: list[np.ndarray], batch_size: int, on_chun
             batch_size = max(1, batch_size // 2)
             bar.set_postfix(batch=batch_size)
             continue
-        n = (j - i) * (length - 1)
         offset += n
         i = j
         bar.update(n)

@@ -40,6 +40,7 @@ from evalsuite.numerics.layers import (
 )
 from evalsuite.numerics.verdict import Evidence, Thresholds, decide, is_broken
 from evalsuite.numerics.weights import TensorConversion, conversion_stats, summarize
+from evalsuite.store.windows import scored_counts
 
 NEAR_OVERFLOW_LISTED = 20  # modules per dtype listed in the section (the metric counts all)
 CHART_KINDS = {"layer": "residual", "attention": "attention", "mlp": "mlp"}  # legend labels: short
@@ -183,7 +184,7 @@ class NumericsObserver:
         if not n_layers or emb is None or not hasattr(emb, "weight"):
             return None
         first, last, _ = ctx.segment_windows
-        n_tokens = sum(len(w) - 1 for w in ctx.windows.windows[first:last])
+        n_tokens = int(scored_counts(ctx.windows.windows[first:last]).sum())
         sample = LayerSample(n_tokens, n_layers + 1, int(emb.weight.shape[-1]), ctx.device)
         self.sample_info = {"tokens": sample.count, "stride": sample.stride}
         return sample

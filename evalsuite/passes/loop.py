@@ -47,13 +47,13 @@ from evalsuite.store.logits import BackgroundWriter
 from evalsuite.store.provenance import Provenance
 from evalsuite.store.refcache import CacheCorrupt, ReferenceCache
 from evalsuite.store.state import RunState
+from evalsuite.store.windows import scored_counts
 
 
 def segments_of(windows: list[np.ndarray], max_tokens: int) -> list[tuple[int, int, int]]:
     """Consecutive window ranges (first, last+1, token offset) each with <= max_tokens tokens."""
     out, first, offset, count = [], 0, 0, 0
-    for i, w in enumerate(windows):
-        n = len(w) - 1
+    for i, n in enumerate(scored_counts(windows).tolist()):
         if count and count + n > max_tokens:
             out.append((first, i, offset))
             first, offset, count = i, offset + count, 0
@@ -254,7 +254,7 @@ class Loop:
                     say(f"reference logits kept in {len(self.segments)} segments of <= {tokens} tokens")
             first, last, offset = self.segments[seg]
             seg_windows = self.windows.windows[first:last]
-            seg_tokens = sum(len(w) - 1 for w in seg_windows)
+            seg_tokens = int(scored_counts(seg_windows).sum())
             buffer = torch.empty((seg_tokens, scorer.vocab_size), dtype=torch.float32, device=self.device)
             ctx = self.ctx(cfg.reference, "reference", model, seg)
             staged = staging(seg_tokens, self.device, divergence=False)

@@ -32,6 +32,7 @@ from evalsuite.model.loading import unload
 from evalsuite.model.precision import exact_fp32, pass_flags
 from evalsuite.numerics import repair as search
 from evalsuite.passes.scoring import PassContext, TokenArrays, compare, keep_reference, staging, timed_pass
+from evalsuite.store.windows import scored_counts
 
 REPAIR_SEGMENT = -1  # a repair pass belongs to no segment: observers keep no per-segment sample for it
 
@@ -60,14 +61,15 @@ def repair_windows(loop, name: str) -> tuple[int, int]:
     """(first window, last window + 1): the repair tokens, from the batch of the first non-finite token."""
     windows, budget = loop.windows.windows, loop.cfg.repair_tokens
     bad = np.flatnonzero(loop.arrays[name].nonfinite > 0)
-    starts = np.cumsum([0] + [len(w) - 1 for w in windows])
+    counts = scored_counts(windows)  # (W,) scored targets per window
+    starts = np.concatenate([[0], np.cumsum(counts)])
     first = int(np.searchsorted(starts, bad[0], side="right") - 1) if bad.size else 0
     seg_first = max((s[0] for s in loop.segments or [(0, 0, 0)] if s[0] <= first), default=0)
     batch = max(1, loop.arrays[name].batch_size or loop.batch)
     first = seg_first + (first - seg_first) // batch * batch
     last, count = first, 0
     while last < len(windows) and (count < budget or last == first):
-        count += len(windows[last]) - 1
+        count += int(counts[last])
         last += 1
     return first, last
 
@@ -90,8 +92,8 @@ def run_repairs(s, loop, observers, timing: dict) -> dict[str, dict]:
 def _repair(loop, p, numerics) -> dict:
     first, last = repair_windows(loop, p.name)
     windows = loop.windows.windows[first:last]
-    lo = sum(len(w) - 1 for w in loop.windows.windows[:first])
-    n = sum(len(w) - 1 for w in windows)
+    lo = int(scored_counts(loop.windows.windows[:first]).sum())
+    n = int(scored_counts(windows).sum())
     buffer, ref = _reference(loop, windows, n)
     ref_diff = float(np.nanmax(np.abs(ref.nll - loop.ref.nll[lo:lo + n]))) if n else 0.0
     watch = (numerics,) if numerics is not None else ()

@@ -31,9 +31,11 @@ from evalsuite.passes.generate import generate
 from evalsuite.passes.loop import Loop, Plan, Stores
 from evalsuite.passes.observers import Observer
 from evalsuite.store import corpus as corpus_mod
+from evalsuite.store import rolling
 from evalsuite.store.logits import BackgroundWriter
 from evalsuite.store.refcache import ReferenceCache, cache_fields, checkpoint_digest, tokens_digest
 from evalsuite.store.state import RunState, model_signature
+from evalsuite.store.windows import LM_EVAL
 
 __all__ = ["run", "noise_budget"]
 
@@ -129,10 +131,10 @@ def setup(cfg: RunConfig, source: str, dist, timing: dict) -> Setup:
     tokenizer = load_tokenizer(source, cfg.trust_remote_code)
     t0 = time.perf_counter()
     texts, corpus_identity = corpus_mod.load_texts(cfg.corpus)
-    windows = corpus_mod.tokenize(texts, tokenizer, cfg.seq_len, cfg.max_tokens)
+    tokenize = rolling.tokenize if cfg.windowing == LM_EVAL else corpus_mod.tokenize
+    windows = tokenize(texts, tokenizer, cfg.seq_len, cfg.max_tokens)
     timing["tokenize_s"] = round(time.perf_counter() - t0, 3)
-    say(f"{windows.n_tokens} tokens in {len(windows.windows)} windows of up to {cfg.seq_len} "
-        f"({windows.context} context)")
+    say(f"{windows.n_tokens} tokens in {len(windows.windows)} windows of up to {cfg.seq_len} ({windows.described})")
     if windows.n_tokens < SMALL_RUN:
         say(f"only {windows.n_tokens} tokens are scored: every figure will carry a wide standard error")
     if cfg.noise_tokens == 0:
@@ -166,12 +168,9 @@ def shard(s: Setup) -> Plan:
     cfg, mine = s.cfg, s.windows
     if s.dist is not None:
         first, last = distributed.share(len(s.windows.windows), s.dist)
-        lo = sum(len(w) - 1 for w in s.windows.windows[:first])
-        sub = s.windows.windows[first:last]
-        if not sub:
+        if last <= first:
             raise UsageError(f"{s.dist.world} ranks but only {len(s.windows.windows)} windows: use fewer processes")
-        n_sub = sum(len(w) - 1 for w in sub)
-        mine = replace(s.windows, windows=sub, target_bytes=s.windows.target_bytes[lo:lo + n_sub])
+        mine = s.windows.part(first, last)
         say(f"data-parallel: {s.dist.world} ranks, about {mine.n_tokens} tokens each")
     width = hidden_size(s.source, cfg.trust_remote_code) if s.device.type == "cuda" and not cfg.batch_size else None
     batch = cfg.batch_size or auto_batch_size(s.device, cfg.seq_len, width)
@@ -281,6 +280,8 @@ def summarize(s: Setup, loop: Loop, observers, cache_info: dict, timing: dict) -
     ref = s.cfg.reference.name
     per_token = {"targets": s.windows.targets, "target_bytes": s.windows.target_bytes,
                  f"{ref}/nll": loop.ref.nll, f"{ref}/argmax": loop.ref.argmax}
+    if s.windows.documents is not None:  # lm-eval windowing: a document's loglikelihood is the sum of its -nll
+        per_token["document"] = s.windows.documents
     for name, a in loop.arrays.items():
         per_token.update({f"{name}/{k}": getattr(a, k) for k in PER_TOKEN_FILE})
     return RunOutput(results, per_token, files, tuple(failures))

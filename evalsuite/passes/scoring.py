@@ -18,6 +18,7 @@ from evalsuite.metrics.divergence import reference_tokens, token_divergence
 from evalsuite.metrics.registry import DIVERGENCE_FIELDS, TOKEN_FIELDS, stats_for
 from evalsuite.model.forward import Scorer, run_pass
 from evalsuite.model.precision import Precision
+from evalsuite.store.windows import scored_counts
 
 
 @dataclass
@@ -141,12 +142,12 @@ def _flush(staged: dict[str, torch.Tensor], arrays: TokenArrays, offset: int) ->
 
 def noise_pass(cfg: RunConfig, scorer: Scorer, seg_windows, buffer, batch: int, limit: int) -> TokenArrays:
     """A second reference pass over at most `limit` tokens that differs only in batch layout: the noise floor."""
-    chosen, count = [], 0
-    for w in seg_windows:
-        if chosen and count + len(w) - 1 > limit:
+    k, count = 0, 0
+    for n in scored_counts(seg_windows).tolist():
+        if k and count + n > limit:
             break
-        chosen.append(w)
-        count += len(w) - 1
+        k, count = k + 1, count + n
+    chosen = seg_windows[:k]  # a slice: a WindowList keeps its unscored counts (windows.py)
     noise_batch = batch // 2 if batch > 1 else 2
     noise = TokenArrays.empty(count, divergence=True)
     staged = staging(count, scorer.device, divergence=True)

@@ -11,6 +11,9 @@ Window rule (documented in README "How tokens are scored"):
   first token of the stream is then the one token that is never scored.
 - Bits per byte divide the summed NLL (in bits) by the UTF-8 bytes of the text the scored
   tokens cover (from the tokenizer's offsets), so tokenizers with different vocabularies compare.
+
+This is `--windowing stream`, the default. `--windowing lm-eval` (rolling.py) scores each document
+on its own as lm-eval's `loglikelihood_rolling` does; the window type both make is windows.py.
 """
 
 from __future__ import annotations
@@ -24,6 +27,9 @@ from pathlib import Path
 import numpy as np
 
 from evalsuite.errors import CorpusError, MissingExtraError
+from evalsuite.store.windows import TokenWindows
+
+__all__ = ["BUNDLED_CORPUS", "CorpusSpec", "TokenWindows", "load_texts", "tokenize"]
 
 BUNDLED_CORPUS = "bundled:zh"
 
@@ -36,22 +42,6 @@ class CorpusSpec:
     column: str = "text"  # JSONL/parquet/dataset column holding the text
     hf_config: str | None = None
     hf_split: str = "test"
-
-
-@dataclass(frozen=True)
-class TokenWindows:
-    windows: list[np.ndarray]  # each (L_i + 1,) int64: one context token, then L_i scored tokens
-    target_bytes: np.ndarray  # (N,) int64 UTF-8 bytes covered by each scored token
-    context: str  # "bos" or "previous-token"
-    seq_len: int
-
-    @property
-    def n_tokens(self) -> int:
-        return int(sum(len(w) - 1 for w in self.windows))
-
-    @property
-    def targets(self) -> np.ndarray:  # (N,) the scored token ids, in window order
-        return np.concatenate([w[1:] for w in self.windows])
 
 
 def load_texts(spec: CorpusSpec) -> tuple[list[str], dict[str, object]]:

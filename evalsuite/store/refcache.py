@@ -128,11 +128,15 @@ def checkpoint_digest(source: str, memo_file: Path | None = None) -> str | None:
 
 
 def tokens_digest(windows: list[np.ndarray]) -> str:
-    """sha256 of the scored windows: token ids and window boundaries."""
+    """sha256 of the scored windows: token ids, window boundaries and (lm-eval windowing, windows.py)
+    the unscored leading targets of each window; a plain list's digest is what it always was."""
     h = hashlib.sha256()
     for w in windows:
         h.update(np.int64(len(w)).tobytes())
         h.update(np.ascontiguousarray(w, dtype=np.int64).tobytes())
+    unscored = getattr(windows, "unscored", None)
+    if unscored is not None:
+        h.update(b"unscored\0" + np.ascontiguousarray(unscored, dtype=np.int64).tobytes())
     return h.hexdigest()
 
 
