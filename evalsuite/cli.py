@@ -28,6 +28,7 @@ from evalsuite.errors import (
     EvalsuiteError,
     UsageError,
 )
+from evalsuite.phases import Phases, active, process_started
 
 
 def default_cache_dir() -> Path:
@@ -97,6 +98,12 @@ def _check_writable(out_dir: Path) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    args.clock.enter("setup")  # imports of the numerical stack, checks of the options, tasks, model source
+    with active(args.clock):
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     from evalsuite.model.demo import demo_checkpoint
     from evalsuite.passes.runner import run
 
@@ -117,7 +124,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     dist = distributed.from_env()
     with claim(cfg.out_dir, cfg.to_dict(), dist.rank if dist else None, overwrite=args.overwrite or args.fresh):
         output = run(cfg, source, observers=_observers(cfg, source, bench_plan), resume=not args.no_resume,
-                     fresh=args.fresh, write_outputs=partial(_write_outputs, cfg.out_dir))
+                     fresh=args.fresh, write_outputs=partial(_write_outputs, cfg.out_dir, args.clock))
     if output is None:  # a data-parallel rank other than 0: rank 0 writes and gates the results
         return EXIT_OK
     return _finish_run(args, cfg, gate_set, output)
@@ -143,21 +150,29 @@ def _observers(cfg, source: str, bench_plan) -> tuple:
 OBSERVER_FILES = ("benchmarks.jsonl", "generations.jsonl")  # files observers may return, by name
 
 
-def _write_outputs(out_dir: Path, output) -> None:
-    """results.json, report.html, per_token.npz and the observers' files, each atomically; files of
-    another run that this one did not write are removed, so the directory holds one run."""
+def _write_outputs(out_dir: Path, clock: Phases, output) -> None:
+    """per_token.npz, the observers' files, report.html, and last results.json with the run's phases
+    up to that moment (provenance.run_timing.phases), each atomically; files of another run that
+    this one did not write are removed, so the directory holds one run."""
+    from dataclasses import replace
+
     from evalsuite.report.render import render_report, write_report
     from evalsuite.store.per_token import write_per_token
     from evalsuite.store.results import atomic_write_text, write_results
 
-    write_results(out_dir / "results.json", output.results)
-    write_report(out_dir / "report.html", render_report(output.results.to_dict()))
-    write_per_token(out_dir / "per_token.npz", output.per_token)
-    for name, text in output.files.items():
-        atomic_write_text(out_dir / name, text)
-    for name in OBSERVER_FILES:
-        if name not in output.files:
-            (out_dir / name).unlink(missing_ok=True)
+    with clock("write"):
+        write_per_token(out_dir / "per_token.npz", output.per_token)
+        for name, text in output.files.items():
+            atomic_write_text(out_dir / name, text)
+        for name in OBSERVER_FILES:
+            if name not in output.files:
+                (out_dir / name).unlink(missing_ok=True)
+    with clock("report"):
+        write_report(out_dir / "report.html", render_report(output.results.to_dict()))
+    with clock("write"):
+        prov = output.results.provenance
+        timing = {**prov.get("run_timing", {}), "phases": clock.report()}
+        write_results(out_dir / "results.json", replace(output.results, provenance={**prov, "run_timing": timing}))
 
 
 def _finish_run(args: argparse.Namespace, cfg, gate_set, output) -> int:
@@ -264,7 +279,8 @@ def _raise_terminated(signum, frame):
     raise _Terminated
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, started: float | None = None) -> int:
+    """The CLI; `started` is the perf_counter reading at process start (None: now, e.g. in tests)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     try:
@@ -279,6 +295,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command is None:
             build_parser().print_help()
             return EXIT_USAGE
+        args.clock = Phases(started)
         return COMMANDS[args.command](args)
     except KeyboardInterrupt as exc:
         which = "SIGTERM" if isinstance(exc, _Terminated) else "SIGINT"
@@ -311,4 +328,4 @@ def _one_line(exc: Exception) -> str:
 
 
 def console_main() -> None:
-    sys.exit(main())
+    sys.exit(main(started=process_started()))  # the run's clock starts with the process: imports count

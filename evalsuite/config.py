@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 import torch
@@ -44,7 +44,7 @@ class RunConfig:
     out_dir: Path = option(Path("reports/run"))
     seed: int = option(0, TESTS)
     trust_remote_code: bool = option(False, REFERENCE)  # checkpoint code may compute anything
-    noise_tokens: int = option(32768, REFERENCE)  # tokens of the second reference pass (the noise floor)
+    noise_tokens: int | None = option(None, REFERENCE)  # tokens of the second reference pass; None: per device (for_device)
     buffer_gib: float | None = option(numbers=REFERENCE)  # device memory for the reference's logits; None = auto
     attn_implementation: str | None = option(numbers=REFERENCE)
     progress: bool = option(True)
@@ -63,7 +63,7 @@ class RunConfig:
     # repair (passes/repair.py): "auto" searches a safe recipe for each broken precision, "on" also for those
     # short of headroom, "off" never. No saved pass changes, so not in the resume fingerprint.
     repair: str = option("auto", TESTS)
-    repair_tokens: int = option(2048, TESTS)  # tokens each repair candidate's pass scores (at most REPAIR_PASSES passes)
+    repair_tokens: int | None = option(None, TESTS)  # tokens per repair candidate's pass; None: per device (for_device)
     generate: bool = option(False, GENERATION)  # greedy generation divergence (docs/generation.md)
     gen_prompts: Path | None = option(numbers=GENERATION)  # .txt or .jsonl prompts; None = corpus and benchmarks
     gen_column: str = option("text", GENERATION)  # text field of a .jsonl --gen-prompts
@@ -73,7 +73,7 @@ class RunConfig:
     def __post_init__(self) -> None:
         if self.seq_len < 1:
             raise UsageError(f"--seq-len must be at least 1, got {self.seq_len}")
-        if self.noise_tokens < 0:
+        if self.noise_tokens is not None and self.noise_tokens < 0:
             raise UsageError(f"--noise-tokens must be at least 0 (0: no noise floor), got {self.noise_tokens}")
         if self.windowing not in WINDOWINGS:
             raise UsageError(f"--windowing must be one of {', '.join(WINDOWINGS)}, got {self.windowing!r}")
@@ -95,7 +95,7 @@ class RunConfig:
             raise UsageError(f"--reference-cache-gib must be at least 0, got {self.reference_cache_gib}")
         if self.repair not in ("auto", "on", "off"):
             raise UsageError(f"repair must be auto, on or off, got {self.repair!r}")
-        if self.repair_tokens < 1:
+        if self.repair_tokens is not None and self.repair_tokens < 1:
             raise UsageError(f"--repair-tokens must be at least 1, got {self.repair_tokens}")
         if self.limit is not None and not self.limit > 0:  # also false for NaN
             raise UsageError(f"--limit must be positive (a count, or a fraction below 1), got {self.limit}")
@@ -135,6 +135,27 @@ def reference_fields(cfg: RunConfig) -> dict[str, object]:
     """The options that change the reference pass, by value: part of the reference cache key (content
     options enter it as hashes instead)."""
     return {f.name: _json(getattr(cfg, f.name)) for f in fields(cfg) if f.metadata["numbers"] == REFERENCE}
+
+
+# Defaults that depend on the device: a 2-core CPU scores ~100 tokens a second where an H200 scores
+# 10^5-10^6, so the passes whose size is a choice (not the corpus) are smaller there.
+DEVICE_DEFAULTS = {  # field: (CUDA, CPU)
+    "noise_tokens": (32768, 1024),
+    "repair_tokens": (2048, 512),
+}
+DEMO_CPU_TOKENS = 2048  # the embedded demo on a CPU scores its first window (of 4,497 tokens)
+
+
+def for_device(cfg: RunConfig, device: torch.device) -> tuple[RunConfig, list[str]]:
+    """`cfg` with the device-dependent defaults filled in (the resolved values are what results.json,
+    the resume fingerprint and the cache key see), and a line for each choice a user should know of."""
+    cpu = device.type == "cpu"
+    values = {k: v[cpu] for k, v in DEVICE_DEFAULTS.items() if getattr(cfg, k) is None}
+    notes = []
+    if cpu and cfg.model is None and cfg.max_tokens is None and cfg.windowing == "stream":
+        values["max_tokens"] = DEMO_CPU_TOKENS
+        notes.append(f"the embedded demo on a CPU scores its first {DEMO_CPU_TOKENS:,} tokens (--max-tokens N for more)")
+    return replace(cfg, **values), notes
 
 
 def resolve_device(name: str) -> torch.device:

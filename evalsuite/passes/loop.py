@@ -42,6 +42,7 @@ from evalsuite.passes.scoring import (
     staging,
     timed_pass,
 )
+from evalsuite.phases import phase
 from evalsuite.store.corpus import TokenWindows
 from evalsuite.store.logits import BackgroundWriter
 from evalsuite.store.provenance import Provenance
@@ -202,9 +203,10 @@ class Loop:
         """(model, seconds) for one precision (a recipe: converted, model/convert.py), placed as the run asks."""
         t0 = time.perf_counter()
         load = load_model if p.is_plain else load_recipe
-        model = load(self.source, p, self.device, self.cfg.trust_remote_code, self.cfg.attn_implementation,
-                     device_map=self.cfg.device_map)
-        routed = fp32_accumulating_linears(model, self.cfg.cpu_half_gemm)
+        with phase("load"):
+            model = load(self.source, p, self.device, self.cfg.trust_remote_code, self.cfg.attn_implementation,
+                         device_map=self.cfg.device_map)
+            routed = fp32_accumulating_linears(model, self.cfg.cpu_half_gemm)
         if routed:
             self.prov.cpu_half_gemm[p.name] = routed
         return model, time.perf_counter() - t0
@@ -212,7 +214,8 @@ class Loop:
     def _scorer(self, model, p: Precision, arrays: TokenArrays | None = None) -> Scorer:
         """The pass's Scorer; test passes in 2-byte dtypes compiled under --compile (compiled.py)."""
         compile = self.cfg.compile and arrays is not None and p.is_half
-        scorer = Scorer(model, self.device, compile=compile)
+        with phase("load"):  # the decoder/head split's probe forward touches every weight once
+            scorer = Scorer(model, self.device, compile=compile)
         self.prov.padded_head[p.name] = scorer.padded_head is not None
         if scorer.compiled:
             arrays.timing["compile_s"] = arrays.timing.get("compile_s", 0.0) + scorer.compile_s
@@ -225,8 +228,9 @@ class Loop:
     def _reference(self, seg: int, need_logits: bool) -> torch.Tensor | None:
         if self.segments is not None and self.refstore.has(seg, "reference"):
             try:
-                buffer = self.refstore.load_logits(seg, self.device) if need_logits else None
-                self._restore(seg, "reference", self.ref, self.cfg.reference, "reference", self.refstore)
+                with phase("cache_io"):
+                    buffer = self.refstore.load_logits(seg, self.device) if need_logits else None
+                    self._restore(seg, "reference", self.ref, self.cfg.reference, "reference", self.refstore)
                 self.cached_reference = self.cache is not None
                 return buffer
             except CacheCorrupt as exc:

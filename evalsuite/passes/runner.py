@@ -15,7 +15,7 @@ from dataclasses import dataclass, replace
 import torch
 
 import evalsuite
-from evalsuite.config import RunConfig, numeric_fields, reference_fields, resolve_device
+from evalsuite.config import RunConfig, for_device, numeric_fields, reference_fields, resolve_device
 from evalsuite.errors import EvalsuiteError, UsageError
 from evalsuite.log import only_rank0, say
 from evalsuite.metrics import kernels
@@ -30,6 +30,7 @@ from evalsuite.passes import distributed, repair
 from evalsuite.passes.generate import generate
 from evalsuite.passes.loop import Loop, Plan, Stores
 from evalsuite.passes.observers import Observer
+from evalsuite.phases import phase
 from evalsuite.store import corpus as corpus_mod
 from evalsuite.store import rolling
 from evalsuite.store.logits import BackgroundWriter
@@ -94,13 +95,16 @@ def run(cfg: RunConfig, source: str, observers: tuple[Observer, ...] = (), resum
             return None
         if loop.resumed:  # (a reference read from the cache is reported as a cache hit above)
             say(f"resumed: reused the saved {', '.join(sorted(loop.resumed))} passes")
-        repairs = repair.run_repairs(s, loop, observers, timing)  # a safe recipe for each broken precision
+        with phase("repair"):
+            repairs = repair.run_repairs(s, loop, observers, timing)  # a safe recipe for each broken precision
         if cfg.generate:  # after the scoring passes; its results join the observers' (metric additions, a section)
             t0 = time.perf_counter()
-            observers = (*observers, generate(s, loop, observers))
+            with phase("generate"):
+                observers = (*observers, generate(s, loop, observers))
             timing["generate_s"] = round(time.perf_counter() - t0, 3)
         timing["total_s"] = round(time.perf_counter() - t_start, 3)
-        output = summarize(s, loop, observers, cache_info, timing)
+        with phase("summarize"):
+            output = summarize(s, loop, observers, cache_info, timing)
         output = replace(output, results=repair.attach(output.results, repairs))
         if write_outputs is not None:
             write_outputs(output)
@@ -122,18 +126,21 @@ def setup(cfg: RunConfig, source: str, dist, timing: dict) -> Setup:
             cfg = replace(cfg, progress=False)
     torch.manual_seed(cfg.seed)
     device = resolve_device(device_name)
+    cfg, notes = for_device(cfg, device)
+    for note in notes:
+        say(note)
     tuned = device.type == "cpu" and tune_allocator()
     check_model_source(source)
     limit = max_positions(source)
     if limit is not None and cfg.seq_len + 1 > limit:  # a window is seq_len tokens plus one of context
         raise UsageError(f"--seq-len {cfg.seq_len} needs {cfg.seq_len + 1} positions but {source} has "
                          f"max_position_embeddings {limit}: use --seq-len {limit - 1} or less")
-    tokenizer = load_tokenizer(source, cfg.trust_remote_code)
-    t0 = time.perf_counter()
-    texts, corpus_identity = corpus_mod.load_texts(cfg.corpus)
-    tokenize = rolling.tokenize if cfg.windowing == LM_EVAL else corpus_mod.tokenize
-    windows = tokenize(texts, tokenizer, cfg.seq_len, cfg.max_tokens)
-    timing["tokenize_s"] = round(time.perf_counter() - t0, 3)
+    with phase("tokenizer"):
+        tokenizer = load_tokenizer(source, cfg.trust_remote_code)
+    with phase("tokenize"):
+        texts, corpus_identity = corpus_mod.load_texts(cfg.corpus)
+        tokenize = rolling.tokenize if cfg.windowing == LM_EVAL else corpus_mod.tokenize
+        windows = tokenize(texts, tokenizer, cfg.seq_len, cfg.max_tokens)
     say(f"{windows.n_tokens} tokens in {len(windows.windows)} windows of up to {cfg.seq_len} ({windows.described})")
     if windows.n_tokens < SMALL_RUN:
         say(f"only {windows.n_tokens} tokens are scored: every figure will carry a wide standard error")
@@ -197,14 +204,14 @@ def open_cache(s: Setup, plan: Plan, observers, rank, timing: dict,
     cfg = s.cfg
     if cfg.reference_cache is None:
         return None, {"status": "off"}
-    t0 = time.perf_counter()
-    digest = checkpoint_digest(s.source, cfg.reference_cache / "checkpoint-digests.json")
-    timing["checkpoint_hash_s"] = round(time.perf_counter() - t0, 3)
+    with phase("hash"):
+        digest = checkpoint_digest(s.source, cfg.reference_cache / "checkpoint-digests.json")
+        tokens = tokens_digest(plan.windows.windows)
     if digest is None:
         say(f"reference cache not used: the files of {s.source} are not on this machine to hash")
         return None, {"status": "off", "reason": "checkpoint files not found locally"}
     fields = cache_fields({
-        **reference_fields(cfg), "checkpoint_sha256": digest, "tokens_sha256": tokens_digest(plan.windows.windows),
+        **reference_fields(cfg), "checkpoint_sha256": digest, "tokens_sha256": tokens,
         "context": plan.windows.context, "resolved_batch_size": plan.batch, "resolved_noise_tokens": plan.noise_tokens,
         "observers": [[type(o).__name__, getattr(o, "signature", None)] for o in observers], "rank": rank,
     }, s.device)
@@ -229,9 +236,8 @@ def run_passes(loop: Loop, data_parallel: bool, timing: dict) -> tuple[int, str]
         return exc.exit_code, str(exc)
     finally:
         gc.unfreeze()
-        t0 = time.perf_counter()
-        loop.writer.join()  # the reference cache / resume files are complete before anything ends
-        timing["write_wait_s"] = round(time.perf_counter() - t0, 3)
+        with phase("write_wait"):
+            loop.writer.join()  # the reference cache / resume files are complete before anything ends
     return None
 
 

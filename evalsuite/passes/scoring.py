@@ -18,6 +18,7 @@ from evalsuite.metrics.divergence import reference_tokens, token_divergence
 from evalsuite.metrics.registry import DIVERGENCE_FIELDS, TOKEN_FIELDS, stats_for
 from evalsuite.model.forward import Scorer, run_pass
 from evalsuite.model.precision import Precision
+from evalsuite.phases import phase
 from evalsuite.store.windows import scored_counts
 
 
@@ -76,7 +77,8 @@ def notify(observers, method: str, *args):
     for obs in observers:
         fn = getattr(obs, method, None)
         if fn is not None:
-            fn(*args)
+            with phase(getattr(obs, "part", "observers")):  # "numerics", "benchmarks"
+                fn(*args)
 
 
 def restore_observers(observers, ctx: PassContext, snapshots: list) -> None:
@@ -101,7 +103,8 @@ def timed_pass(ctx: PassContext, scorer: Scorer, seg_windows, on_chunk, staged, 
     offset = ctx.segment_windows[2]
     notify(observers, "pass_started", ctx)
     on_batch = partial(notify_batch, observers, offset) if observers else None
-    stats = run_pass(scorer, seg_windows, ctx.batch_size, on_chunk, desc, ctx.cfg.progress, on_batch)
+    with phase(f"{ctx.role}_pass"):  # reference_pass, test_pass
+        stats = run_pass(scorer, seg_windows, ctx.batch_size, on_chunk, desc, ctx.cfg.progress, on_batch)
     _flush(staged, arrays, offset)
     arrays.timing["pass_s"] += stats.seconds
     _note_peak(arrays, stats)
@@ -151,8 +154,9 @@ def noise_pass(cfg: RunConfig, scorer: Scorer, seg_windows, buffer, batch: int, 
     noise_batch = batch // 2 if batch > 1 else 2
     noise = TokenArrays.empty(count, divergence=True)
     staged = staging(count, scorer.device, divergence=True)
-    stats = run_pass(scorer, chosen, noise_batch, partial(compare, buffer, staged), "noise floor (reference again)",
-                     cfg.progress)
+    with phase("noise_floor"):
+        stats = run_pass(scorer, chosen, noise_batch, partial(compare, buffer, staged),
+                         "noise floor (reference again)", cfg.progress)
     _flush(staged, noise, 0)
     noise.timing["pass_s"] = stats.seconds
     noise.batch_size = stats.batch_size
