@@ -230,7 +230,7 @@ class Loop:
                                     self.ref, self.observers, pass_label(f"{ref_name} (reference)", seg, self.segments))
             scorer.hidden_out = False
             if self.prov.reference_head_us is None:
-                self.prov.reference_head_us = reference.measure_head(kept)
+                self.prov.reference_head_us = reference.measure_head(self, kept)
             saved = self.ref.segment(offset, seg_tokens)
             meta = {"timing": _timing(self.ref, load_s, before),
                     "batch_size": self.batch, "observers": self._snapshots(ctx)}
