@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from evalsuite.errors import EvalsuiteError
 from evalsuite.model.compiled import compile_modules, warm_up
-from evalsuite.model.head import apply_head, padded_head
+from evalsuite.model.head import FrozenHead, apply_frozen, apply_head, freeze, padded_head, softcap
 from evalsuite.model.loading import model_part
 from evalsuite.store.windows import scored_counts, unscored_of
 
@@ -54,12 +54,32 @@ class Scorer:
         self.head_device = _weight_device(head) or self._home
         self.compiled: list[str] = []  # names of the modules compiled under --compile (set below)
         self.split_reason: str | None = None  # why the full forward is used, where it is
+        self.frozen: FrozenHead | None = None  # set by freeze_head: the head's weights this Scorer applies
+        self.hidden_out = False  # chunks() yields hidden states (C, H) instead of logits (the reference keeping them)
         self.split = self._verified_split()
         # (W (Vpad, H), bias (Vpad,) or None): see head.py. None: the head as it is.
         self.padded_head = padded_head(head, self.vocab_size, pad_head, self.sharded) if self.split else None
         # --compile (compiled.py): after the split check, whose (1, 12) probe would fix batch size 1
         self.compiled = compile_modules(model) if compile else []
         self.compile_s = warm_up(self._forward_ids, self.vocab_size, self.input_device) if self.compiled else None
+
+    def freeze_head(self) -> FrozenHead | None:
+        """Apply the head from here on through a copy of its weights, and return that copy (None: can't).
+
+        Why: the reference pass computes its logits through the FrozenHead it keeps for the test
+        passes, so the logits they re-apply are its own bit for bit. Only the decoder/head split on
+        one device can (a full forward computes the head inside the model; a sharded model's head
+        sits on another GPU than the kept hidden states).
+        """
+        if not self.split or self.sharded:
+            return None
+        cap = getattr(self.model.config, "final_logit_softcapping", None) or None
+        self.frozen = freeze(self.model.get_output_embeddings(), self.padded_head, self.vocab_size, cap)
+        return self.frozen
+
+    def head_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden (C, H) -> logits (C, V) on the run's device: the head as chunks() applies it."""
+        return _to(self._split_logits(hidden), self._home)
 
     @property
     def sharded(self) -> bool:
@@ -70,12 +90,12 @@ class Scorer:
         return "decoder-then-chunked-head" if self.split else "full-forward"
 
     def _split_logits(self, hidden: torch.Tensor, padded: bool = True) -> torch.Tensor:
-        """hidden (C, H) -> logits (C, V); through the padded head where there is one."""
-        logits = apply_head(self.model.get_output_embeddings(), hidden, self.padded_head if padded else None)
-        cap = getattr(self.model.config, "final_logit_softcapping", None)
-        if cap:
-            logits = torch.tanh(logits / cap) * cap
-        return logits
+        """hidden (C, H) -> logits (C, V); through the frozen head, else the padded one where there is one."""
+        head = self.model.get_output_embeddings()
+        if padded and self.frozen is not None:
+            return softcap(apply_frozen(head, hidden, self.frozen), self.frozen.cap)
+        logits = apply_head(head, hidden, self.padded_head if padded else None)
+        return softcap(logits, getattr(self.model.config, "final_logit_softcapping", None))
 
     def _body(self, ids: torch.Tensor) -> torch.Tensor:
         """The decoder's last hidden state (B, T, H), on the LM head's device."""
@@ -134,7 +154,8 @@ class Scorer:
                 hidden = hidden.index_select(0, _to(index, hidden.device))  # (n, H): the scored positions
             for start in range(0, hidden.shape[0], self.chunk_tokens):
                 stop = min(start + self.chunk_tokens, hidden.shape[0])
-                yield start, _to(self._split_logits(hidden[start:stop]), home), targets[start:stop]
+                part = hidden[start:stop]  # (C, H)
+                yield start, _to(part, home) if self.hidden_out else self.head_logits(part), targets[start:stop]
         else:
             logits = self._forward_ids(_to(inputs, self.input_device))  # (B, T, V)
             logits = logits.reshape(-1, logits.shape[-1])

@@ -12,6 +12,8 @@ from the model's own forward, as between any two correct GEMMs.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
@@ -42,6 +44,63 @@ def padded_head(head, vocab: int, pad: bool | None, sharded: bool = False) -> tu
             bias = head.bias.new_zeros(rows)
             bias[:vocab] = head.bias
     return weight, bias
+
+
+def softcap(logits: torch.Tensor, cap: float | None) -> torch.Tensor:
+    """Gemma-style final_logit_softcapping (logits (C, V)): tanh(x / cap) * cap; no-op without a cap.
+
+    One function for the reference pass and the re-applied head (FrozenHead), so both round alike.
+    """
+    return torch.tanh(logits / cap) * cap if cap else logits
+
+
+@dataclass(frozen=True)
+class FrozenHead:
+    """The reference's LM head, kept apart from its model: a copy of its weight, its bias and softcap.
+
+    Why: the reference keeps its final hidden states (N, H) instead of its logits (N, V) (8-400x
+    less memory and disk) and the test passes get its logits back by re-applying this head a
+    chunk at a time, with the reference model unloaded. The reference pass computes its own
+    logits through the very same tensors (Scorer.freeze_head), so re-applied logits are its
+    logits bit for bit (same kernel, same chunk shapes, same weights).
+    """
+
+    weight: torch.Tensor  # (V, H) float32 (or (Vpad, H): a padded copy)
+    bias: torch.Tensor | None  # (V,) or (Vpad,) or None
+    vocab: int
+    cap: float | None  # final_logit_softcapping, None without
+
+    def linear(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden (C, H) -> logits before the softcap (C, V): what the head module's hooks see."""
+        return F.linear(hidden, self.weight, self.bias)[:, : self.vocab]
+
+    def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden (C, H) -> logits (C, V), as the reference pass computed them (no hooks)."""
+        return softcap(self.linear(hidden), self.cap)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.weight, self.bias) if t is not None)
+
+
+def freeze(head, padded: tuple | None, vocab: int, cap: float | None) -> FrozenHead | None:
+    """A FrozenHead copied from a plain nn.Linear head (or its padded weights); None for any other head.
+
+    A head with pre-hooks (recipes' casts) or module-global hooks is called as a module by apply_head,
+    not through its weight: it cannot be frozen.
+    """
+    if type(head) is not torch.nn.Linear or head._forward_pre_hooks or _global_hooks():
+        return None
+    weight, bias = padded if padded is not None else (head.weight, head.bias)
+    with torch.no_grad():  # fresh allocations: the model's tensors go when it is unloaded
+        return FrozenHead(weight.detach().clone(), None if bias is None else bias.detach().clone(), vocab, cap)
+
+
+def apply_frozen(head: torch.nn.Module, hidden: torch.Tensor, frozen: FrozenHead) -> torch.Tensor:
+    """hidden (C, H) -> logits (C, V) before the softcap, through `frozen`, with `head`'s forward hooks
+    told as if the module had run (observers see every chunk). Hooks that replace the output are not
+    used on the reference (numerics hooks return None): the re-applied logits would not include them."""
+    return _call_forward_hooks(head, hidden, frozen.linear(hidden))
 
 
 def apply_head(head: torch.nn.Module, hidden: torch.Tensor, padded: tuple | None) -> torch.Tensor:

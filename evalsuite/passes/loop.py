@@ -1,27 +1,26 @@
 """The segment loop: reference first, then each test dtype, one model on the device at a time.
 
-How the test dtypes see the reference without both models resident: the reference's FP32
-logits for a *segment* of windows are kept on the device in a buffer sized to free memory;
-the reference model is then unloaded and each test dtype is loaded in turn and compared
-against the buffer. A corpus larger than one buffer is processed segment by segment (each
-model loaded once per segment). The stored logits are the reference's exact float32 values,
-so the comparison is identical to holding both models at once (tests/passes/test_runner.py measures
-this against an all-in-memory float64 computation).
+How the test dtypes see the reference without both models resident: for a *segment* of windows
+the reference's FP32 logits, or its final hidden states and a copy of its FP32 head from which
+they are re-applied bit for bit (reference.py decides by measurement, model/kept.py), are kept on
+the device in a buffer sized to free memory; the reference model is then unloaded and each test
+dtype is loaded in turn and compared against them. A corpus larger than one buffer is processed
+segment by segment (each model loaded once per segment). The values compared are the reference's
+exact float32 logits, so the comparison is identical to holding both models at once
+(tests/passes/test_runner.py measures this against an all-in-memory float64 computation).
 
 Where finished passes go: the reference's (per-token results, noise floor, observers'
-findings, logits) into the reference cache (refcache.py) when it is on, else into the resume
-state; the test dtypes' into the resume state (state.py). Large writes run in a background
+findings, hidden states and head, or logits) into the reference cache (refcache.py) when it is
+on, else into the resume state; the test dtypes' into the resume state (state.py). Large writes run in a background
 thread while the next pass computes.
 """
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass
 from functools import partial
 
-import numpy as np
 import torch
 
 from evalsuite.config import RunConfig
@@ -30,13 +29,15 @@ from evalsuite.log import say
 from evalsuite.model.convert import load_recipe
 from evalsuite.model.cpu import fp32_accumulating_linears
 from evalsuite.model.forward import Scorer
+from evalsuite.model.kept import KeptReference
 from evalsuite.model.loading import load_model, placement, unload
 from evalsuite.model.precision import Precision, exact_fp32, pass_flags
+from evalsuite.passes import reference
+from evalsuite.passes.reference import segments_of
 from evalsuite.passes.scoring import (
     PassContext,
     TokenArrays,
     compare,
-    keep_reference,
     noise_pass,
     restore_observers,
     staging,
@@ -49,46 +50,6 @@ from evalsuite.store.provenance import Provenance
 from evalsuite.store.refcache import CacheCorrupt, ReferenceCache
 from evalsuite.store.state import RunState
 from evalsuite.store.windows import scored_counts
-
-
-def segments_of(windows: list[np.ndarray], max_tokens: int) -> list[tuple[int, int, int]]:
-    """Consecutive window ranges (first, last+1, token offset) each with <= max_tokens tokens."""
-    out, first, offset, count = [], 0, 0, 0
-    for i, n in enumerate(scored_counts(windows).tolist()):
-        if count and count + n > max_tokens:
-            out.append((first, i, offset))
-            first, offset, count = i, offset + count, 0
-        count += n
-    out.append((first, len(windows), offset))
-    return out
-
-
-# Bytes per second a kept reference's logits are assumed to be read back at (a local NVMe SSD
-# manages more; the H200 machine read its cache at about 3.9 GB/s and wrote at about 2 GB/s).
-KEEP_READ_BYTES_PER_S = 2 * 2**30
-
-
-def worth_keeping(pass_s: float, logits_bytes: int) -> bool:
-    """Whether the reference's logits are worth writing to the cache or the resume state.
-
-    Why not always: they take 4 bytes x vocabulary per token. For a small model recomputing the
-    FP32 reference is quicker than reading them back (0.5B shape on an H200: 7.7 s of pass
-    against 48.8 GiB of logits, which made the cached rerun slower than no cache and the first
-    run wait 23 s for the write); for a 7B the pass costs 18 s and its 12 GiB read back in about 3.
-    """
-    return pass_s >= logits_bytes / KEEP_READ_BYTES_PER_S
-
-
-def buffer_tokens(cfg, device: torch.device, vocab: int, n_tokens: int) -> int:
-    if cfg.buffer_gib is not None:
-        budget = cfg.buffer_gib * 2**30
-    elif device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        budget = 0.5 * free  # the rest: activations and (C, V) chunk temporaries
-    else:
-        avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-        budget = 0.35 * avail
-    return int(max(cfg.seq_len, min(n_tokens, budget // (4 * vocab))))
 
 
 @dataclass(frozen=True)
@@ -157,12 +118,13 @@ class Loop:
         span = self.segments[seg] if self.segments and seg < len(self.segments) else (0, 0, 0)
         return PassContext(p, role, model, self.tokenizer, self.device, self.cfg, self.windows, seg, span, self.batch)
 
-    def _restore(self, seg: int, name: str, arrays: TokenArrays, p: Precision, role: str, store) -> None:
-        saved, meta = store.load(seg, name)
+    def _restore(self, seg: int, name: str, arrays: TokenArrays, p: Precision, role: str, store,
+                 loaded: tuple | None = None) -> None:
+        saved, meta = loaded or store.load(seg, name)
         if store is self.state:  # (a cached reference is reported as a cache hit instead)
             self.resumed.add(p.name)
         offset = self.segments[seg][2]
-        arrays.restore(offset, {k: v for k, v in saved.items() if not k.startswith("noise/")},
+        arrays.restore(offset, {k: v for k, v in saved.items() if not k.startswith(("noise/", "kept/"))},
                        meta["timing"], meta["batch_size"])
         if role == "reference" and seg == 0 and "noise/kl" in saved:
             noise = {k[6:]: v for k, v in saved.items() if k.startswith("noise/")}
@@ -225,51 +187,64 @@ class Loop:
             self.prov.compiled["dtypes"][p.name] = {"modules": len(scorer.compiled), "compile_s": round(scorer.compile_s, 3)}
         return scorer
 
-    def _reference(self, seg: int, need_logits: bool) -> torch.Tensor | None:
+    def _reference(self, seg: int, need_logits: bool) -> KeptReference | None:
         if self.segments is not None and self.refstore.has(seg, "reference"):
             try:
                 with phase("cache_io"):
-                    buffer = self.refstore.load_logits(seg, self.device) if need_logits else None
-                    self._restore(seg, "reference", self.ref, self.cfg.reference, "reference", self.refstore)
+                    loaded = self.refstore.load(seg, "reference")
+                    kept = reference.load_kept(self.refstore, seg, self.device, loaded[0],
+                                               self.prov.reference_kept or reference.LOGITS) if need_logits else None
+                    self._restore(seg, "reference", self.ref, self.cfg.reference, "reference", self.refstore, loaded)
                 self.cached_reference = self.cache is not None
-                return buffer
+                return kept
             except CacheCorrupt as exc:
                 self.cache.drop(str(exc))
                 say(f"{self.cache.problem}; computing the reference again")
                 self.cache.reopen()
         return self._reference_pass(seg, need_logits)
 
-    def _reference_pass(self, seg: int, need_logits: bool) -> torch.Tensor | None:
+    def _plan(self, model, scorer: Scorer, head, ref_flags: dict, load_s: float) -> None:
+        """The segments and how the reference is kept (passes/reference.py), fixed for the run."""
+        choice = reference.choose(self.cfg, self.device, scorer, head, self.windows.windows, load_s, len(self.tests))
+        self.segments = segments_of(self.windows.windows, choice.tokens)
+        self.prov.update({
+            "logits_path_reason": scorer.split_reason or None, "reference_flags": ref_flags,
+            "logits_path": scorer.logits_path, "chunk_tokens": scorer.chunk_tokens, "buffer_tokens": choice.tokens,
+            "n_segments": len(self.segments), "reference_kept": choice.kept, "reference_kept_reason": choice.reason,
+            "reference_stored": reference.HIDDEN if head is not None else reference.LOGITS,
+            "reference_head_us": choice.head_us,
+            "attn_implementation": getattr(model.config, "_attn_implementation", None),
+            "placement": placement(model) if self.cfg.device_map else None})
+        if len(self.segments) > 1:
+            what = "hidden states" if choice.kept == reference.HIDDEN else "logits"
+            say(f"reference {what} kept in {len(self.segments)} segments of <= {choice.tokens} tokens")
+
+    def _reference_pass(self, seg: int, need_logits: bool) -> KeptReference | None:
         cfg, ref_name = self.cfg, self.cfg.reference.name
         model, load_s = self._load(cfg.reference)
         self.ref.timing["load_s"] += load_s
         with exact_fp32() as ref_flags:
             scorer = self._scorer(model, cfg.reference)
+            head = scorer.freeze_head()  # the reference's logits go through this copy (model/kept.py)
             if self.segments is None:
-                tokens = buffer_tokens(cfg, self.device, scorer.vocab_size, self.windows.n_tokens)
-                self.segments = segments_of(self.windows.windows, tokens)
-                self.prov.update({
-                    "logits_path_reason": scorer.split_reason or None, "reference_flags": ref_flags,
-                    "logits_path": scorer.logits_path, "chunk_tokens": scorer.chunk_tokens, "buffer_tokens": tokens,
-                    "n_segments": len(self.segments),
-                    "attn_implementation": getattr(model.config, "_attn_implementation", None),
-                    "placement": placement(model) if cfg.device_map else None})
-                if len(self.segments) > 1:
-                    say(f"reference logits kept in {len(self.segments)} segments of <= {tokens} tokens")
+                self._plan(model, scorer, head, ref_flags, load_s)
             first, last, offset = self.segments[seg]
             seg_windows = self.windows.windows[first:last]
             seg_tokens = int(scored_counts(seg_windows).sum())
-            buffer = torch.empty((seg_tokens, scorer.vocab_size), dtype=torch.float32, device=self.device)
+            kept = reference.allocate(self.prov.reference_kept, seg_tokens, scorer, head, self.device)
             ctx = self.ctx(cfg.reference, "reference", model, seg)
             staged = staging(seg_tokens, self.device, divergence=False)
             before = self.ref.timing["pass_s"]
-            self.batch = timed_pass(ctx, scorer, seg_windows, partial(keep_reference, buffer, staged), staged,
+            self.batch = timed_pass(ctx, scorer, seg_windows, reference.on_chunk(scorer, kept, staged), staged,
                                     self.ref, self.observers, pass_label(f"{ref_name} (reference)", seg, self.segments))
+            scorer.hidden_out = False
+            if self.prov.reference_head_us is None:
+                self.prov.reference_head_us = reference.measure_head(self, kept)
             saved = self.ref.segment(offset, seg_tokens)
             meta = {"timing": _timing(self.ref, load_s, before),
                     "batch_size": self.batch, "observers": self._snapshots(ctx)}
             if seg == 0 and self.noise_tokens > 0:
-                self.noise = noise_pass(cfg, scorer, seg_windows, buffer, self.batch, self.noise_tokens)
+                self.noise = noise_pass(cfg, scorer, seg_windows, kept, self.batch, self.noise_tokens)
                 saved.update({f"noise/{k}": v for k, v in self.noise.segment(0, len(self.noise.kl)).items()})
                 meta.update(noise_timing=self.noise.timing, noise_batch_size=self.noise.batch_size)
         del scorer, ctx, staged
@@ -278,25 +253,18 @@ class Loop:
         self.state.save_plan(plan)
         if self.cache is not None:
             self.cache.save_plan(plan)
-        pass_s, nbytes = meta["timing"]["pass_s"], buffer.numel() * buffer.element_size()
-        if worth_keeping(pass_s, nbytes):
-            if need_logits or self.cache is not None:  # the cache keeps logits even when no dtype needs them now
-                self.refstore.save_logits(seg, buffer)
-            self.refstore.save(seg, "reference", saved, meta)  # after the logits: "reference done" implies them
-        elif self.not_kept is None and (self.cache is not None or self.state.enabled):
-            self.not_kept = (f"recomputing the reference ({pass_s:.1f} s) is quicker than reading back its "
-                             f"{nbytes / 2**30:.1f} GiB of logits")
-            say(f"reference not kept for reuse: {self.not_kept}")
+        reference.keep_for_reuse(self, seg, kept, saved, meta, need_logits)
+        kept.release()  # where logits are kept, the hidden states and head go (once written)
         after_pass(self, ref_name)
-        return buffer if need_logits else None
+        return kept if need_logits else None
 
-    def _test(self, seg: int, p: Precision, buffer: torch.Tensor) -> None:
+    def _test(self, seg: int, p: Precision, buffer: KeptReference) -> None:
         """One test pass under the numeric flags its precision runs with (TF32 for `tf32`), recorded per precision."""
         with pass_flags(p) as flags:
             self.prov.test_flags = {**(self.prov.test_flags or {}), p.name: flags}
             self._test_pass(seg, p, buffer)
 
-    def _test_pass(self, seg: int, p: Precision, buffer: torch.Tensor) -> None:
+    def _test_pass(self, seg: int, p: Precision, buffer: KeptReference) -> None:
         test = self.arrays[p.name]
         try:
             model, load_s = self._load(p)

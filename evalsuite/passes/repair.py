@@ -122,6 +122,7 @@ def _reference(loop, windows, n: int) -> tuple[torch.Tensor, TokenArrays]:
     model, _ = loop._load(loop.cfg.reference)
     with exact_fp32():
         scorer = Scorer(model, loop.device)
+        scorer.freeze_head()  # its logits computed as the main reference's (passes/reference.py)
         buffer = torch.empty((n, scorer.vocab_size), dtype=torch.float32, device=loop.device)
         arrays = TokenArrays.empty(n, divergence=False)
         staged = staging(n, loop.device, divergence=False)

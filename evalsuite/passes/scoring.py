@@ -93,7 +93,18 @@ def keep_reference(buffer, staged, pos: int, logits: torch.Tensor, tgt: torch.Te
     _stage(staged, pos, reference_tokens(logits, tgt))
 
 
+def keep_hidden(scorer: Scorer, kept, staged, pos: int, hidden: torch.Tensor, tgt: torch.Tensor) -> None:
+    """The reference pass's chunk when it keeps hidden states (scorer.hidden_out): hidden (C, H) goes into
+    `kept` (model/kept.py), the logits are computed from the kept rows through the frozen head, the way
+    a test pass re-applies them, and into `kept.logits` where the logits are kept too."""
+    logits = scorer.head_logits(kept.keep(pos, hidden))  # (C, V)
+    if kept.logits is not None:
+        kept.logits[pos : pos + len(tgt)] = logits
+    _stage(staged, pos, reference_tokens(logits, tgt))
+
+
 def compare(buffer, staged, pos: int, logits: torch.Tensor, tgt: torch.Tensor) -> None:
+    """A test chunk against the reference's logits: `buffer` is a (N, V) tensor or a KeptReference."""
     _stage(staged, pos, token_divergence(buffer[pos : pos + len(tgt)], logits, tgt))
 
 

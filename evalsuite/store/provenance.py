@@ -34,6 +34,10 @@ class Provenance:
     chunk_tokens: int | None = None
     buffer_tokens: int | None = None
     n_segments: int | None = None
+    reference_kept: str | None = None  # what the test passes read: "logits" or "hidden-states" (head re-applied)
+    reference_kept_reason: str | None = None  # why (passes/reference.py's rule, with its measured costs)
+    reference_stored: str | None = None  # what the cache / resume state hold: "hidden-states" or "logits"
+    reference_head_us: float | None = None  # the reference's FP32 head, measured: microseconds per token
     attn_implementation: str | None = None
     placement: dict | None = None  # --device-map: modules per device
     padded_head: dict = field(default_factory=dict)  # precision -> whether its head ran zero-padded
@@ -66,8 +70,8 @@ class Provenance:
 
 _NAMES = {f.name for f in fields(Provenance)}
 _PLAN = ("reference_flags", "logits_path", "logits_path_reason", "chunk_tokens", "buffer_tokens", "n_segments",
-         "attn_implementation", "placement", "padded_head", "compiled", "test_flags",
-         "cpu_half_gemm")
+         "reference_kept", "reference_kept_reason", "reference_stored", "reference_head_us",
+         "attn_implementation", "placement", "padded_head", "compiled", "test_flags", "cpu_half_gemm")
 
 
 def _unknown(name: str) -> None:

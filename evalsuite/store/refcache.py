@@ -3,8 +3,10 @@
 The reference is the most expensive pass by far (FP32 matmuls with TF32 off run at a fraction of
 the BF16 rate: ~8x a BF16 pass on a 7B model), and CI gates re-run against the same base
 checkpoint again and again. So a finished reference pass (its per-token results, the noise floor,
-the observers' findings and its exact float32 logits, segment by segment) is kept in
-`<cache>/<key>/` and a later run with the same key reads it instead of loading the reference model.
+the observers' findings and, segment by segment, its final hidden states (N, H) plus one copy of
+its FP32 head, from which the test passes re-apply its logits bit for bit; its float32 logits
+(N, V) for a model without the decoder/head split) is kept in `<cache>/<key>/` and a later run
+with the same key reads it instead of loading the reference model.
 
 The key is a hash of everything that changes a reference number: the checkpoint's *content*
 (sha256 of its files; memoised by size and mtime so a 26 GB checkpoint is hashed once), the exact
@@ -16,8 +18,8 @@ A different key is a different directory: nothing stale can be read. What the te
 is *not* in the key, so adding a dtype reuses the reference.
 
 Verified on load: each segment's manifest records the sizes and a digest of its files (sha256 of
-the small per-token file; per-row integer sums of the float32 logits' bit patterns, computed on
-the device where they sit, for the large one). A file that fails the check is reported in one
+the small per-token file; per-row integer sums of the float32 bit patterns, computed on the device
+where they sit, for the hidden states or logits), and head.json the same digest of the head. A file that fails the check is reported in one
 line, the entry is dropped and the reference recomputed. Entries are evicted least recently used
 first beyond `--reference-cache-gib`.
 """
@@ -38,7 +40,7 @@ from evalsuite.store.logits import BackgroundWriter, read_logits, write_logits
 from evalsuite.store.results import atomic_write, atomic_write_text
 from evalsuite.store.state import pass_writer, read_pass
 
-FORMAT = 1
+FORMAT = 2  # 2: hidden states (N, H) and the FP32 head instead of logits (N, V) for split models
 _SKIP_SUFFIXES = (".md", ".lock")
 _ROWS_PER_DIGEST_CHUNK = 256
 
@@ -165,7 +167,8 @@ class ReferenceCache:
         self.writer = writer
         self.hit_segments: set[int] = set()
         self.problem: str | None = None  # why an entry was dropped, for the one-line message
-        self._pending: dict[int, dict] = {}  # segment -> logits manifest, until its arrays are written
+        self._pending: dict[int, dict] = {}  # segment -> tensor manifest, until its arrays are written
+        self.head_queued = False  # save_head was called (its files may still be being written)
         self.reopen()
 
     def reopen(self) -> None:
@@ -185,6 +188,7 @@ class ReferenceCache:
 
     def drop(self, why: str) -> None:
         self.problem = f"reference cache entry {self.dir} was discarded: {why}"
+        self.head_queued = False
         shutil.rmtree(self.dir, ignore_errors=True)
 
     # the segment plan
@@ -234,30 +238,51 @@ class ReferenceCache:
         self.hit_segments.add(segment)
         return arrays, meta
 
-    # the reference's float32 logits
-    def save_logits(self, segment: int, buffer: torch.Tensor) -> None:
-        digest = logits_digest(buffer)  # on the device, before the buffer is shared with anything
-        shape = list(buffer.shape)
-        self._pending[segment] = {"logits_digest": digest, "logits_shape": shape}
+    # the reference's kept tensors: "hidden" (N, H) states (split models) or "logits" (N, V), float32
+    def save_tensor(self, segment: int, kind: str, tensor: torch.Tensor) -> None:
+        digest = logits_digest(tensor)  # on the device, before the tensor is shared with anything
+        self._pending[segment] = {f"{kind}_digest": digest, f"{kind}_shape": list(tensor.shape)}
 
         def write():
-            atomic_write(self.dir / f"seg{segment}-logits.npy", lambda fh: write_logits(fh, buffer), durable=False)
+            atomic_write(self.dir / f"seg{segment}-{kind}.npy", lambda fh: write_logits(fh, tensor), durable=False)
 
         self.writer.submit(write)
 
-    def load_logits(self, segment: int, device: torch.device) -> torch.Tensor:
+    def load_tensor(self, segment: int, kind: str, device: torch.device) -> torch.Tensor:
         manifest = self._manifest(segment)
-        path = self.dir / f"seg{segment}-logits.npy"
+        return _verified(self.dir / f"seg{segment}-{kind}.npy", device, manifest.get(f"{kind}_shape"),
+                         manifest.get(f"{kind}_digest"))
+
+    # the reference's FP32 LM head (V, H), once per entry: what the test passes re-apply
+    def has_head(self) -> bool:
+        """Whether the head is saved or queued (a second segment does not write it again)."""
+        return self.head_queued or (self.dir / "head.json").is_file()
+
+    def save_head(self, weight: torch.Tensor, bias: torch.Tensor | None, meta: dict) -> None:
+        """Kept in the entry, not re-read from the checkpoint: a hit loads no reference model, and the
+        head's exact FP32 values are those the reference pass used (whatever the loader does)."""
+        parts = {"weight": weight, **({"bias": bias.reshape(1, -1)} if bias is not None else {})}
+        manifest = {**meta, **{f"{k}_digest": logits_digest(t) for k, t in parts.items()},
+                    **{f"{k}_shape": list(t.shape) for k, t in parts.items()}}
+
+        def write():
+            for k, t in parts.items():
+                atomic_write(self.dir / f"head-{k}.npy", lambda fh, t=t: write_logits(fh, t), durable=False)
+            atomic_write_text(self.dir / "head.json", json.dumps(manifest))  # last: the head is whole
+
+        self.head_queued = True
+        self.writer.submit(write)
+
+    def load_head(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None, dict]:
         try:
-            buffer = read_logits(path, device)
+            meta = json.loads((self.dir / "head.json").read_text())
         except (OSError, ValueError) as exc:
-            raise CacheCorrupt(f"{path.name} cannot be read ({exc})") from exc
-        if list(buffer.shape) != manifest.get("logits_shape"):
-            raise CacheCorrupt(f"{path.name} has shape {list(buffer.shape)}, its manifest says "
-                               f"{manifest.get('logits_shape')}")
-        if logits_digest(buffer) != manifest.get("logits_digest"):
-            raise CacheCorrupt(f"{path.name} does not match the digest in its manifest")
-        return buffer
+            raise CacheCorrupt(f"its head.json cannot be read ({exc})") from exc
+        weight = _verified(self.dir / "head-weight.npy", device, meta.get("weight_shape"), meta.get("weight_digest"))
+        bias = None
+        if "bias_digest" in meta:
+            bias = _verified(self.dir / "head-bias.npy", device, meta.get("bias_shape"), meta.get("bias_digest"))[0]
+        return weight, bias, meta
 
     def _evict(self) -> None:
         entries = []
@@ -273,6 +298,19 @@ class ReferenceCache:
             if d != self.dir:
                 shutil.rmtree(d, ignore_errors=True)
                 total -= size
+
+
+def _verified(path: Path, device: torch.device, shape, digest) -> torch.Tensor:
+    """A float32 matrix file read onto `device`, checked against its manifest's shape and digest."""
+    try:
+        tensor = read_logits(path, device)
+    except (OSError, ValueError) as exc:
+        raise CacheCorrupt(f"{path.name} cannot be read ({exc})") from exc
+    if list(tensor.shape) != shape:
+        raise CacheCorrupt(f"{path.name} has shape {list(tensor.shape)}, its manifest says {shape}")
+    if logits_digest(tensor) != digest:
+        raise CacheCorrupt(f"{path.name} does not match the digest in its manifest")
+    return tensor
 
 
 class CacheCorrupt(Exception):

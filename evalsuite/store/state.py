@@ -2,12 +2,14 @@
 
 A reference pass on a large checkpoint costs hours; a crash or a SIGKILL must not throw it away.
 After each pass the runner saves that pass's per-token arrays (and, after the reference pass, the
-reference's float32 logits for the segment) here, each file written atomically. A rerun with the
+reference's final hidden states for the segment and its FP32 head, or its float32 logits for a
+model without the decoder/head split) here, each file written atomically. A rerun with the
 same command and output directory finds them, checks the fingerprint (model files, corpus hash,
 windowing, numeric settings), and runs only what is missing: the metrics come out identical to
 an uninterrupted run because the stored values are the very ones that run would have used.
 The directory is removed when the run completes. Disk cost while it exists: the reference's
-logits, 4 bytes x vocabulary per token (about 1 MB per token for a 262k vocabulary).
+hidden states, 4 bytes x width per token, and one copy of its head (logits: 4 bytes x vocabulary
+per token, about 1 MB per token for a 262k vocabulary).
 """
 
 from __future__ import annotations
@@ -63,6 +65,7 @@ class RunState:
             self.root = self.root / subdir
         self.enabled = enabled
         self.writer = None  # a logits_io.BackgroundWriter: saves run while the next pass computes
+        self.head_queued = False  # save_head was called (its files may still be being written)
         self.key = fingerprint(fields)
         if not enabled:
             return
@@ -114,28 +117,57 @@ class RunState:
     def load(self, segment: int, name: str) -> tuple[dict[str, np.ndarray], dict]:
         return read_pass(self._arrays_path(segment, name))
 
-    # --- the reference's logits for one segment ---
-    def _logits_path(self, segment: int) -> Path:
-        return self.root / f"seg{segment}-reference-logits.npy"
+    # --- the reference's kept tensors for one segment: "logits" (N, V) or "hidden" (N, H) float32 ---
+    def _tensor_path(self, segment: int, kind: str) -> Path:
+        return self.root / f"seg{segment}-reference-{kind}.npy"
 
-    def save_logits(self, segment: int, buffer: torch.Tensor) -> None:
+    def save_tensor(self, segment: int, kind: str, tensor: torch.Tensor) -> None:
         if self.enabled:
             from evalsuite.store.logits import write_logits
 
-            path = self._logits_path(segment)  # (N, V) float32; durable: the resume state guards against crashes
-            self._submit(lambda: atomic_write(path, lambda fh: write_logits(fh, buffer)))
+            path = self._tensor_path(segment, kind)  # durable: the resume state guards against crashes
+            self._submit(lambda: atomic_write(path, lambda fh: write_logits(fh, tensor)))
 
-    def load_logits(self, segment: int, device: torch.device) -> torch.Tensor:
+    def load_tensor(self, segment: int, kind: str, device: torch.device) -> torch.Tensor:
         from evalsuite.store.logits import read_logits
 
-        return read_logits(self._logits_path(segment), device)
+        return read_logits(self._tensor_path(segment, kind), device)
+
+    # --- the reference's FP32 LM head, once: the test passes re-apply it to the hidden states ---
+    def has_head(self) -> bool:
+        """Whether the head is saved or queued (a second segment does not write it again)."""
+        return self.enabled and (self.head_queued or (self.root / "reference-head.json").is_file())
+
+    def save_head(self, weight: torch.Tensor, bias: torch.Tensor | None, meta: dict) -> None:
+        """weight (V, H), bias (V,) or None, meta (vocab, softcap); the JSON last: it says the head is whole."""
+        if self.enabled:
+            from evalsuite.store.logits import write_logits
+
+            def write():
+                for name, t in (("weight", weight), ("bias", bias)):
+                    if t is not None:
+                        atomic_write(self.root / f"reference-head-{name}.npy",
+                                     lambda fh, t=t: write_logits(fh, t.reshape(-1, t.shape[-1])))
+                atomic_write_text(self.root / "reference-head.json", json.dumps({**meta, "bias": bias is not None}))
+
+            self.head_queued = True
+            self._submit(write)
+
+    def load_head(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None, dict]:
+        from evalsuite.store.logits import read_logits
+
+        meta = json.loads((self.root / "reference-head.json").read_text())
+        weight = read_logits(self.root / "reference-head-weight.npy", device)
+        bias = read_logits(self.root / "reference-head-bias.npy", device)[0] if meta["bias"] else None
+        return weight, bias, meta
 
     def drop_logits_when_done(self, segment: int, names: list[str]) -> None:
-        """A segment every dtype has finished needs its logits no more (checked after the queued saves)."""
+        """A segment every dtype has finished needs its logits or hidden states no more (checked after the queued saves)."""
         if self.enabled:
             def drop():
                 if all(self._arrays_path(segment, n).is_file() for n in names):
-                    self._logits_path(segment).unlink(missing_ok=True)
+                    for kind in ("logits", "hidden"):
+                        self._tensor_path(segment, kind).unlink(missing_ok=True)
 
             self._submit(drop)
 

@@ -85,10 +85,15 @@ def test_context_rules(tiny_llama, tiny_qwen_no_bos):
     assert with_bos.target_bytes.sum() == sum(len((t + "\n").encode()) for t in texts)
 
 
-def test_segmented_reference_equals_single_segment(tiny_llama, tmp_path):
+@pytest.mark.parametrize("kept", ["logits", "hidden-states"])
+def test_segmented_reference_equals_single_segment(tiny_llama, tmp_path, monkeypatch, kept):
+    from evalsuite.passes import reference
+
     one, _ = run_pair(_config(tmp_path / "a"), str(tiny_llama))
-    many, _ = run_pair(_config(tmp_path / "b", buffer_gib=200 * 384 * 4 / 2**30), str(tiny_llama))
+    monkeypatch.setattr(reference, "FORCE", kept)  # 200 tokens of hidden states (width 64), 28 of logits
+    many, _ = run_pair(_config(tmp_path / "b", buffer_gib=200 * 64 * 4 / 2**30), str(tiny_llama))
     assert many.provenance["n_segments"] > 1 and one.provenance["n_segments"] == 1
+    assert many.provenance["reference_kept"] == kept
     for name in ("fp16", "bf16"):
         a, b = one.dtypes[name].metrics, many.dtypes[name].metrics
         for key in ("kl_mean", "kl_p99", "kl_max", "top1_agreement", "ppl", "ppl_ratio"):

@@ -11,9 +11,11 @@ import torch
 from helpers import run_config, run_pair
 
 from evalsuite.config import RunConfig
+from evalsuite.model.forward import Scorer
 from evalsuite.model.precision import DTYPES
 from evalsuite.numerics.observer import NumericsObserver
 from evalsuite.passes import loop as passloop
+from evalsuite.passes import reference
 from evalsuite.store import logits as logits_io
 from evalsuite.store import refcache
 
@@ -54,7 +56,9 @@ def test_rerun_reads_the_reference_from_the_cache(tiny_llama, tmp_path, loads):
     first, tok1 = _run(cfg, tiny_llama, numerics=True)
     assert loads == ["fp32", "fp16", "bf16"]
     assert first.provenance["reference_cache"]["status"] == "stored"
-    assert list(cache.rglob("*-logits.npy"))
+    assert list(cache.rglob("seg0-hidden.npy")) and list(cache.rglob("head-weight.npy"))  # not its logits
+    assert not list(cache.rglob("*-logits.npy"))
+    assert first.provenance["reference_stored"] == "hidden-states"
     loads.clear()
     second, tok2 = _run(replace(cfg, out_dir=tmp_path / "out2"), tiny_llama, numerics=True)
     assert loads == ["fp16", "bf16"]  # the reference model was never loaded
@@ -90,8 +94,9 @@ def test_a_change_to_evalsuite_itself_misses(tiny_llama, tmp_path, loads, monkey
 
 def test_a_reference_cheaper_to_recompute_than_to_read_is_not_kept(tiny_llama, tmp_path, loads, monkeypatch, capsys):
     """With reading back slower than the pass (here: 1 byte/s), nothing is written and nothing is reused."""
-    assert passloop.worth_keeping(10.0, 2 * 2**30) and not passloop.worth_keeping(0.5, 2 * 2**30)
-    monkeypatch.setattr(passloop, "KEEP_READ_BYTES_PER_S", 1.0)
+    assert reference.worth_keeping(10.0, 2 * 2**30) and not reference.worth_keeping(0.5, 2 * 2**30)
+    assert not reference.worth_keeping(1.5, 2 * 2**30, reapply_s=0.6)  # re-applying the head counts too
+    monkeypatch.setattr(reference, "KEEP_READ_BYTES_PER_S", 1.0)
     cache = tmp_path / "cache"
     cfg = _config(tmp_path, cache, dtypes=(DTYPES["bf16"],))
     first, tok1 = _run(cfg, tiny_llama)
@@ -133,17 +138,24 @@ def test_any_key_change_misses(tiny_llama, tmp_path, loads, change):
         assert second.dtypes["fp32"].metrics["mean_nll"] != first.dtypes["fp32"].metrics["mean_nll"]
 
 
-@pytest.mark.parametrize("damage", ["logits", "arrays", "manifest"])
-def test_a_corrupt_entry_is_dropped_and_recomputed(tiny_llama, tmp_path, loads, capsys, damage):
+@pytest.mark.parametrize("damage", ["hidden", "head", "head-json", "arrays", "manifest", "logits"])
+def test_a_corrupt_entry_is_dropped_and_recomputed(tiny_llama, tmp_path, loads, capsys, damage, monkeypatch):
+    """Format 2 keeps hidden states and the head (damaged: a float flipped, head.json truncated); a model
+    without the split keeps logits ("logits": run as a full forward)."""
+    if damage == "logits":
+        monkeypatch.setattr(Scorer, "_verified_split", lambda self: False)
     cache = tmp_path / "cache"
     cfg = _config(tmp_path, cache, dtypes=(DTYPES["bf16"],))
     first, _ = _run(cfg, tiny_llama)
     entry = next(d for d in cache.iterdir() if d.is_dir())
-    if damage == "logits":  # flip one float in the middle of the file: same size, other content
-        path = entry / "seg0-logits.npy"
+    files = {"hidden": "seg0-hidden.npy", "head": "head-weight.npy", "logits": "seg0-logits.npy"}
+    if damage in files:  # flip one float in the middle of the file: same size, other content
+        path = entry / files[damage]
         data = bytearray(path.read_bytes())
         data[len(data) // 2] ^= 0x40
         path.write_bytes(bytes(data))
+    elif damage == "head-json":
+        (entry / "head.json").write_text("{truncated")
     elif damage == "arrays":
         (entry / "seg0-reference.npz").write_bytes(b"not a zip")
     else:
@@ -152,7 +164,8 @@ def test_a_corrupt_entry_is_dropped_and_recomputed(tiny_llama, tmp_path, loads, 
     second, _ = _run(replace(cfg, out_dir=tmp_path / "o2"), tiny_llama)
     assert loads == ["fp32", "bf16"]
     assert "discarded" in second.provenance["reference_cache"].get("problem", "")
-    assert "discarded" in capsys.readouterr().err
+    said = [line for line in capsys.readouterr().err.splitlines() if "discarded" in line]
+    assert len(said) == 1 and (damage not in files or files[damage] in said[0])  # one line naming the file
     assert _metrics(second) == _metrics(first)
     third, _ = _run(replace(cfg, out_dir=tmp_path / "o3"), tiny_llama)  # the recomputed entry is good again
     assert third.provenance["reference_cache"]["status"] == "hit"
