@@ -30,3 +30,22 @@ def run_pair(*args, **kwargs):
 
     out = run(*args, **kwargs)
     return out.results, out.per_token
+
+
+def fp32_gemm_linears(model) -> None:
+    """Every half nn.Linear of `model` as an FP32 GEMM of its half operands, rounded once to the
+    half format: what a CPU run does by default (--cpu-half-gemm), written here from the
+    definition, not through evalsuite.model.cpu, so tests compare against an independent path."""
+    import torch
+
+    def routed(mod):
+        def forward(x):
+            if x.dtype not in (torch.float16, torch.bfloat16) or mod.weight.dtype != x.dtype:
+                return torch.nn.functional.linear(x, mod.weight, mod.bias)
+            bias = None if mod.bias is None else mod.bias.float()
+            return torch.nn.functional.linear(x.float(), mod.weight.float(), bias).to(x.dtype)
+        return forward
+
+    for m in model.modules():
+        if type(m) is torch.nn.Linear:
+            m.forward = routed(m)

@@ -25,11 +25,11 @@ def _oom_above(monkeypatch, limit: int, only_dtype: torch.dtype | None = None):
     """Make any batch larger than `limit` windows (of `only_dtype` models, if given) run out of memory."""
     real = forward.Scorer.chunks
 
-    def chunks(self, ids):
+    def chunks(self, ids, skip=None):
         dtype = next(self.model.parameters()).dtype
         if ids.shape[0] > limit and (only_dtype is None or dtype == only_dtype):
             raise torch.OutOfMemoryError("CUDA out of memory (injected)")
-        yield from real(self, ids)
+        yield from real(self, ids, skip)
 
     monkeypatch.setattr(forward.Scorer, "chunks", chunks)
 

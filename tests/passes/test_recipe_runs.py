@@ -11,7 +11,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from helpers import run_config, run_pair
+from helpers import fp32_gemm_linears, run_config, run_pair
 from tiny import build_planted
 
 from evalsuite.cli import main
@@ -133,6 +133,7 @@ def _kl_by_hand(source: str, recipe: str, windows: list[np.ndarray]) -> tuple[np
     """Per-token KL(ref || test) and non-finite flags, from logits of each window computed one at a time."""
     ref_model = load_recipe(source, parse_recipe("fp32"), torch.device("cpu"))
     test_model = load_recipe(source, parse_recipe(recipe), torch.device("cpu"))
+    fp32_gemm_linears(test_model)  # as the run computes half Linears on a CPU (--cpu-half-gemm auto)
     kls, bad = [], []
     for w in windows:
         ids = torch.from_numpy(w[:-1].astype(np.int64))[None]

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from helpers import run_config, run_pair
+from helpers import fp32_gemm_linears, run_config, run_pair
 from tiny import build_model
 from transformers import AutoModelForCausalLM
 
@@ -35,6 +35,8 @@ def _all_in_memory(path, cfg, dtype, device="cpu"):
     windows = corpus.tokenize(texts, tok, cfg.seq_len, cfg.max_tokens)
     ref_model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval().to(device)
     test_model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval().to(device)
+    if device == "cpu" and cfg.cpu_half_gemm == "fp32":
+        fp32_gemm_linears(test_model)
     kl, nll_ref, nll_test, agree = [], [], [], []
     with torch.no_grad():
         for w in windows.windows:
@@ -52,10 +54,11 @@ def _all_in_memory(path, cfg, dtype, device="cpu"):
     return {k: np.concatenate(v) for k, v in dict(kl=kl, nll_ref=nll_ref, nll_test=nll_test, agree=agree).items()}
 
 
-@pytest.mark.parametrize("fixture", ["tiny_llama", "tiny_qwen_no_bos"])
-def test_metrics_match_all_in_memory_float64(fixture, request, tmp_path):
+@pytest.mark.parametrize("fixture,gemm", [("tiny_llama", "fp32"), ("tiny_qwen_no_bos", "fp32"),
+                                          ("tiny_llama", "native")])
+def test_metrics_match_all_in_memory_float64(fixture, gemm, request, tmp_path):
     path = request.getfixturevalue(fixture)
-    cfg = _config(tmp_path, dtypes=(DTYPES["fp16"],))
+    cfg = _config(tmp_path, dtypes=(DTYPES["fp16"],), cpu_half_gemm=gemm)
     results, per_token = run_pair(cfg, str(path))
     expect = _all_in_memory(path, cfg, torch.float16)
     m = results.dtypes["fp16"].metrics
