@@ -33,8 +33,7 @@ def reference_tokens(logits: torch.Tensor, targets: torch.Tensor) -> ReferenceTo
     lse = torch.logsumexp(x, dim=-1)  # (C,)
     target_logit = x.gather(1, targets[:, None]).squeeze(1)  # (C,)
     nll = lse - target_logit
-    nonfinite = (~torch.isfinite(x)).sum(dim=-1)
-    return ReferenceTokens(nll=nll, argmax=x.argmax(dim=-1), nonfinite=nonfinite)
+    return ReferenceTokens(nll=nll, argmax=x.argmax(dim=-1), nonfinite=_nonfinite(x))
 
 
 @dataclass(frozen=True)
@@ -58,27 +57,46 @@ def token_divergence(ref_logits: torch.Tensor, test_logits: torch.Tensor, target
     """
     if kernels.available(ref_logits.device):
         return _fused_divergence(ref_logits, test_logits, targets)
+    return _cpu_divergence(ref_logits, test_logits, targets)
+
+
+def _nonfinite(x: torch.Tensor) -> torch.Tensor:
+    """(C,) int64 non-finite entries per row of x (C, V) float64, counted only in rows that have one.
+
+    A row's float64 sum of float16/float32 values cannot overflow, so it is non-finite exactly when
+    the row holds an inf or a NaN: one cheap reduction instead of a (C, V) mask for every row."""
+    count = torch.zeros(x.shape[0], dtype=torch.int64, device=x.device)
+    bad = ~torch.isfinite(x.sum(dim=-1))  # (C,)
+    if bool(bad.any()):  # the CPU path: a host sync costs nothing here
+        count[bad] = (~torch.isfinite(x[bad])).sum(dim=-1)
+    return count
+
+
+def _cpu_divergence(ref_logits: torch.Tensor, test_logits: torch.Tensor, targets: torch.Tensor) -> TokenDivergence:
+    """The unfused path, in float64 with three (C, V) temporaries (a CPU is memory-bound here).
+
+    KL(ref || test) = sum_v p_ref(v) (ref_v - test_v) - lse_ref + lse_test, the same sum as
+    sum_v p_ref (log p_ref - log p_test) with the log-softmaxes expanded (sum_v p_ref = 1): no
+    (C, V) log-softmax is materialised."""
     ref = ref_logits.double()  # (C, V)
     test = test_logits.double()  # (C, V)
     argmax_ref, argmax_test = ref.argmax(dim=-1), test.argmax(dim=-1)
-    nonfinite = (~torch.isfinite(test)).sum(dim=-1)
-    dlogit = torch.sub(test, ref).abs_().amax(dim=-1).float()  # (C,)
-    lp_ref = torch.log_softmax(ref, dim=-1)  # (C, V); ref no longer needed
-    del ref
-    lp_test = torch.log_softmax(test, dim=-1)  # (C, V)
-    del test
-    p_ref = lp_ref.gather(1, targets[:, None]).squeeze(1).exp()
-    lp_test_target = lp_test.gather(1, targets[:, None]).squeeze(1)
-    kl = (lp_ref.exp() * lp_ref.sub_(lp_test)).sum(dim=-1)  # (C,); in place: one (C, V) buffer fewer
-    test_tokens = ReferenceTokens(nll=-lp_test_target, argmax=argmax_test, nonfinite=nonfinite)
-    p_test = lp_test_target.exp()
+    nonfinite = _nonfinite(test)
+    lse_ref, lse_test = torch.logsumexp(ref, dim=-1), torch.logsumexp(test, dim=-1)  # (C,)
+    ref_t = ref.gather(1, targets[:, None]).squeeze(1)  # (C,)
+    test_t = test.gather(1, targets[:, None]).squeeze(1)
+    diff = torch.sub(ref, test)  # (C, V)
+    dlogit = torch.maximum(diff.amax(dim=-1), diff.amin(dim=-1).neg()).float()  # max_v |test - ref|
+    p_ref = ref.sub_(lse_ref[:, None]).exp_()  # (C, V) in place: ref is no longer needed
+    kl = p_ref.mul_(diff).sum(dim=-1) - lse_ref + lse_test  # (C,)
+    test_tokens = ReferenceTokens(nll=lse_test - test_t, argmax=argmax_test, nonfinite=nonfinite)
     bad = nonfinite > 0
-    nan = float("nan")  # a Python scalar: a tensor made from it would copy to the device and sync
+    nan = float("nan")
     return TokenDivergence(
         kl=kl.masked_fill(bad, nan),
         top1_agree=(argmax_test == argmax_ref) & ~bad,
-        p_ref=p_ref,
-        p_test=p_test.masked_fill(bad, nan),
+        p_ref=(ref_t - lse_ref).exp(),
+        p_test=(test_t - lse_test).exp().masked_fill(bad, nan),
         max_abs_dlogit=dlogit.masked_fill(bad, nan),
         test=test_tokens,
     )

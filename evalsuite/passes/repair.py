@@ -32,7 +32,7 @@ from evalsuite.model.loading import unload
 from evalsuite.model.precision import exact_fp32, pass_flags
 from evalsuite.numerics import repair as search
 from evalsuite.passes.scoring import PassContext, TokenArrays, compare, keep_reference, staging, timed_pass
-from evalsuite.store.windows import scored_counts
+from evalsuite.store.windows import cut, scored_counts
 
 REPAIR_SEGMENT = -1  # a repair pass belongs to no segment: observers keep no per-segment sample for it
 
@@ -91,8 +91,9 @@ def run_repairs(s, loop, observers, timing: dict) -> dict[str, dict]:
 
 def _repair(loop, p, numerics) -> dict:
     first, last = repair_windows(loop, p.name)
-    windows = loop.windows.windows[first:last]
     lo = int(scored_counts(loop.windows.windows[:first]).sum())
+    bad = np.flatnonzero(loop.arrays[p.name].nonfinite[lo:] > 0)
+    windows = cut(loop.windows.windows[first:last], loop.cfg.repair_tokens, int(bad[0]) + 1 if bad.size else 0)
     n = int(scored_counts(windows).sum())
     buffer, ref = _reference(loop, windows, n)
     ref_diff = float(np.nanmax(np.abs(ref.nll - loop.ref.nll[lo:lo + n]))) if n else 0.0

@@ -19,7 +19,7 @@ from evalsuite.metrics.registry import DIVERGENCE_FIELDS, TOKEN_FIELDS, stats_fo
 from evalsuite.model.forward import Scorer, run_pass
 from evalsuite.model.precision import Precision
 from evalsuite.phases import phase
-from evalsuite.store.windows import scored_counts
+from evalsuite.store.windows import cut, scored_counts, unscored_of
 
 
 @dataclass
@@ -156,12 +156,16 @@ def _flush(staged: dict[str, torch.Tensor], arrays: TokenArrays, offset: int) ->
 
 def noise_pass(cfg: RunConfig, scorer: Scorer, seg_windows, buffer, batch: int, limit: int) -> TokenArrays:
     """A second reference pass over at most `limit` tokens that differs only in batch layout: the noise floor."""
-    k, count = 0, 0
-    for n in scored_counts(seg_windows).tolist():
-        if k and count + n > limit:
-            break
-        k, count = k + 1, count + n
-    chosen = seg_windows[:k]  # a slice: a WindowList keeps its unscored counts (windows.py)
+    if unscored_of(seg_windows) is None:  # stream windows: the first `limit` tokens, the last window cut
+        chosen = cut(seg_windows, limit)
+        count = int(scored_counts(chosen).sum())
+    else:  # whole windows: a slice keeps a WindowList's unscored counts (windows.py)
+        k, count = 0, 0
+        for n in scored_counts(seg_windows).tolist():
+            if k and count + n > limit:
+                break
+            k, count = k + 1, count + n
+        chosen = seg_windows[:k]
     noise_batch = batch // 2 if batch > 1 else 2
     noise = TokenArrays.empty(count, divergence=True)
     staged = staging(count, scorer.device, divergence=True)

@@ -85,3 +85,22 @@ class TokenWindows:
         if unscored is None:
             return np.concatenate([w[1:] for w in self.windows])
         return np.concatenate([w[1 + int(u):] for w, u in zip(self.windows, unscored, strict=True)])
+
+
+def cut(windows, budget: int, keep: int = 0) -> list:
+    """The windows with the last one shortened so they score max(budget, keep) tokens.
+
+    Why: on a CPU a window (2,048 tokens) is several times the repair's or the noise floor's
+    budget there (512, 1,024), and every repair candidate scores these tokens. A prefix of a window is the same causal computation for
+    the tokens it keeps (only GEMM shapes differ, as between batch sizes); `keep` makes sure the
+    first non-finite token stays in. Windows with unscored leading targets (lm-eval windowing)
+    are left whole."""
+    if unscored_of(windows) is not None or not windows:
+        return windows
+    need, out = max(budget, keep), []
+    for w in windows:
+        if need <= 0:
+            break
+        out.append(w[: need + 1])  # (T + 1,): a window's first token is context
+        need -= len(out[-1]) - 1
+    return out
