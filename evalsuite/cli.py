@@ -31,11 +31,16 @@ from evalsuite.errors import (
 from evalsuite.phases import Phases, active, process_started
 
 
+def cache_root() -> Path:
+    """$EVALSUITE_CACHE, else $XDG_CACHE_HOME/evalsuite or ~/.cache/evalsuite."""
+    root = os.environ.get("EVALSUITE_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "evalsuite"
+    return Path(root)
+
+
 def default_cache_dir() -> Path:
     if os.environ.get("EVALSUITE_REFERENCE_CACHE"):
         return Path(os.environ["EVALSUITE_REFERENCE_CACHE"])
-    root = os.environ.get("EVALSUITE_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "evalsuite"
-    return Path(root) / "reference"
+    return cache_root() / "reference"
 
 
 def config_from_args(args: argparse.Namespace):
@@ -104,6 +109,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+    # The fused divergence kernel's compiled code is kept beside evalsuite's other caches (unless
+    # the user points Triton elsewhere), so `rm -rf ~/.cache/evalsuite` is a cold start.
+    os.environ.setdefault("TRITON_CACHE_DIR", str(cache_root() / "triton"))
     from evalsuite.model.demo import demo_checkpoint
     from evalsuite.passes.runner import run
 

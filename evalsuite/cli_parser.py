@@ -126,7 +126,7 @@ def _data_args(run: argparse.ArgumentParser) -> None:
     g.add_argument("--corpus-config", default=None, help="Hugging Face dataset config name")
     g.add_argument("--corpus-split", default="test", help="Hugging Face dataset split")
     g.add_argument("--seq-len", type=int, default=2048, help="scored tokens per window")
-    g.add_argument("--max-tokens", type=int, default=None, help="score at most this many tokens (default: all; the embedded demo on a CPU: 2048)")
+    g.add_argument("--max-tokens", type=int, default=None, help="score at most this many tokens (default: all; the embedded demo on a CPU: 1024)")
     g.add_argument("--windowing", choices=["stream", "lm-eval"], default="stream",
                    help="stream: the documents as one concatenated stream cut into --seq-len windows; lm-eval: each "
                         "document on its own, tokens and windows as lm-eval's loglikelihood_rolling with max_length "
@@ -143,7 +143,7 @@ def _precision_args(run: argparse.ArgumentParser) -> None:
     g.add_argument("--reference", default="fp32", help="reference precision (fp32 runs with TF32 off)")
     g.add_argument("--noise-tokens", type=int, default=None,
                    help="at most this many tokens re-scored by a second reference pass: the noise floor "
-                        "(default: 32768 on CUDA, 1024 on a CPU)")
+                        "(default: 32768 on CUDA, 512 on a CPU)")
     g.add_argument("--no-numerics", action="store_true",
                    help="skip weight conversion, activation headroom, first inf/NaN, layer error (docs/numerics.md)")
     g.add_argument("--headroom-margin-bits", type=float, default=1.0,

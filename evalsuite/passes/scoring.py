@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from evalsuite.config import RunConfig
+from evalsuite.metrics import kernels
 from evalsuite.metrics.divergence import reference_tokens, token_divergence
 from evalsuite.metrics.registry import DIVERGENCE_FIELDS, TOKEN_FIELDS, stats_for
 from evalsuite.model.forward import Scorer, run_pass
@@ -71,6 +72,29 @@ class PassContext:
     segment: int  # index of this segment; observers that need one pass per dtype act on segment 0
     segment_windows: tuple[int, int, int]  # (first window, last window + 1, flat token offset)
     batch_size: int
+
+
+def warm_kernels(scorer: Scorer, role: str) -> float:
+    """Seconds spent compiling (or loading from Triton's cache) the fused divergence kernel for this
+    pass's logits, before the pass is timed.
+
+    Why: Triton compiles per vocabulary size, dtype pair and stride alignment at the first call,
+    and the first run on a machine did it inside the first timed pass (6,257 instead of 310,188
+    tokens/s on an H200, docs/performance.md). The probe is a real chunk of this scorer (ids
+    (1, 3)), so the test logits' layout (a padded head's view included) is the pass's."""
+    if not kernels.available(scorer.device) or scorer.device.type != "cuda":
+        return 0.0
+    import time
+
+    t0 = time.perf_counter()
+    ref = torch.zeros((2, scorer.vocab_size), dtype=torch.float32, device=scorer.device)  # (2, V) as kept
+    if role == "reference":
+        kernels.fused_rows(ref, ref)
+    else:
+        _, logits, _ = next(iter(scorer.chunks(torch.zeros((1, 3), dtype=torch.int64, device=scorer.device))))
+        kernels.fused_rows(ref, logits)
+    torch.cuda.synchronize(scorer.device)
+    return time.perf_counter() - t0
 
 
 def notify(observers, method: str, *args):

@@ -1,0 +1,113 @@
+"""`time evalsuite run` in a fresh process against `time python perf/plain_loop.py` in a fresh process.
+
+    python perf/fresh_process.py --shape llama2-7b --tokenizer .gem/tok49953 --text .gem/199801.txt \
+        --max-tokens 65536 --batch 4 --out $OUT
+    python perf/fresh_process.py --model /tmp/gemma --text .gem/199801.txt --max-tokens 131072 --batch 8 --out $OUT
+
+What a user and a CI job measure: each command is a new Python process, timed from outside
+(`subprocess` wall clock, imports and loads included), on the same card, same tokens and batch
+size, baselines in the same call. Order: evalsuite with empty caches (a fresh EVALSUITE_CACHE,
+so no reference cache and no compiled Triton kernel, and a fresh inductor cache), the plain loop,
+evalsuite again (warm: kernel cached, the reference read from the cache), evalsuite warm without
+the reference cache (every pass computed), the plain loop again. A random-init checkpoint of the
+shape is built first (perf/baselines.py) and saved in BF16, so every load reads the same files
+from the page cache. Writes fresh_<name>.json under --out and prints one line per command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+
+
+def timed(cmd: list[str], env: dict) -> tuple[float, str, int]:
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=ROOT)
+    return time.perf_counter() - t0, proc.stdout + proc.stderr, proc.returncode
+
+
+def evalsuite_run(model: str, args, env: dict, out: Path, extra: list[str]) -> dict:
+    cmd = [sys.executable, "-m", "evalsuite", "run", "--model", model, "--corpus", args.text,
+           "--max-tokens", str(args.max_tokens), "--batch-size", str(args.batch), "--tasks", "none",
+           "--no-progress", "--fresh", "--out", str(out), *extra]
+    wall, text, rc = timed(cmd, env)
+    entry = {"cmd": " ".join(cmd[1:]), "rc": rc, "wall_s": round(wall, 3)}
+    try:
+        res = json.loads((out / "results.json").read_text())
+    except (OSError, ValueError):
+        entry["tail"] = text[-3000:]
+        return entry
+    prov = res["provenance"]
+    entry["run_timing"] = prov.get("run_timing")
+    entry["reference_cache"] = prov.get("reference_cache", {}).get("status")
+    entry["reference_kept"] = prov.get("reference_kept")
+    entry["dtypes"] = {k: {"tokens_per_s": d["metrics"].get("tokens_per_s"), **(d.get("timing") or {})}
+                       for k, d in res["dtypes"].items()}
+    return entry
+
+
+def plain(model: str, args, env: dict) -> dict:
+    cmd = [sys.executable, str(HERE / "plain_loop.py"), "--model", model, "--text", args.text,
+           "--max-tokens", str(args.max_tokens), "--batch", str(args.batch)]
+    wall, text, rc = timed(cmd, env)
+    entry = {"cmd": " ".join(cmd[1:]), "rc": rc, "wall_s": round(wall, 3)}
+    try:
+        entry.update(json.loads(text.strip().splitlines()[-1]))
+    except (ValueError, IndexError):
+        entry["tail"] = text[-3000:]
+    return entry
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shape", help="a perf/baselines.py shape to build (random init, BF16)")
+    ap.add_argument("--model", help="an existing checkpoint instead of --shape")
+    ap.add_argument("--tokenizer", help="tokenizer directory for --shape")
+    ap.add_argument("--vocab", type=int, default=49953)
+    ap.add_argument("--text", required=True)
+    ap.add_argument("--max-tokens", type=int, default=65536)
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--out", type=Path, required=True)
+    args = ap.parse_args()
+    args.text = str(Path(args.text).resolve())
+    sys.path.insert(0, str(HERE))
+    model, name = args.model, Path(args.model or "").name
+    if args.shape:
+        import baselines
+
+        model, name = f"/tmp/fresh-{args.shape}", args.shape
+        if not (Path(model) / "config.json").exists():
+            baselines.build_random_model(args.shape, args.vocab, model, tokenizer_dir=args.tokenizer)
+    work = Path(tempfile.mkdtemp(prefix="fresh-"))
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}:{os.environ.get('PYTHONPATH', '')}",
+           "EVALSUITE_CACHE": str(work / "cache"), "TORCHINDUCTOR_CACHE_DIR": str(work / "inductor")}
+    env.pop("TRITON_CACHE_DIR", None)  # evalsuite keeps its kernel under EVALSUITE_CACHE/triton
+    result = {"shape": name, "tokens": args.max_tokens, "batch": args.batch, "runs": {}}
+    steps = [("evalsuite_cold", lambda: evalsuite_run(model, args, env, work / "o1", [])),
+             ("plain", lambda: plain(model, args, env)),
+             ("evalsuite_warm_cached", lambda: evalsuite_run(model, args, env, work / "o2", [])),
+             ("evalsuite_warm_no_cache", lambda: evalsuite_run(model, args, env, work / "o3", ["--no-reference-cache"])),
+             ("plain_again", lambda: plain(model, args, env))]
+    for key, step in steps:
+        result["runs"][key] = entry = step()
+        print(f"{name} {key}: rc {entry['rc']}, {entry['wall_s']:.1f} s wall", flush=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / f"fresh_{name}.json").write_text(json.dumps(result, indent=1))
+    runs = result["runs"]
+    base = runs["plain"]["wall_s"]
+    for key in ("evalsuite_cold", "evalsuite_warm_cached", "evalsuite_warm_no_cache"):
+        print(f"{name} {key} / plain: {runs[key]['wall_s'] / base:.2f}x", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
