@@ -30,9 +30,11 @@ ROOT = HERE.parent
 
 
 def timed(cmd: list[str], env: dict) -> tuple[float, str, int]:
+    """(wall seconds, stdout, return code); stderr (progress bars, messages) kept apart, its tail on failure."""
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=ROOT)
-    return time.perf_counter() - t0, proc.stdout + proc.stderr, proc.returncode
+    wall = time.perf_counter() - t0
+    return wall, proc.stdout if proc.returncode == 0 else proc.stdout + proc.stderr[-3000:], proc.returncode
 
 
 def evalsuite_run(model: str, args, env: dict, out: Path, extra: list[str]) -> dict:
@@ -50,6 +52,7 @@ def evalsuite_run(model: str, args, env: dict, out: Path, extra: list[str]) -> d
     entry["run_timing"] = prov.get("run_timing")
     entry["reference_cache"] = prov.get("reference_cache", {}).get("status")
     entry["reference_kept"] = prov.get("reference_kept")
+    entry["reference_stored"] = prov.get("reference_stored")
     entry["dtypes"] = {k: {"tokens_per_s": d["metrics"].get("tokens_per_s"), **(d.get("timing") or {})}
                        for k, d in res["dtypes"].items()}
     return entry
@@ -77,6 +80,7 @@ def main() -> int:
     ap.add_argument("--max-tokens", type=int, default=65536)
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--only", help="comma-separated steps to run (default: all)")
     args = ap.parse_args()
     args.text = str(Path(args.text).resolve())
     sys.path.insert(0, str(HERE))
@@ -98,14 +102,17 @@ def main() -> int:
              ("evalsuite_warm_no_cache", lambda: evalsuite_run(model, args, env, work / "o3", ["--no-reference-cache"])),
              ("plain_again", lambda: plain(model, args, env))]
     for key, step in steps:
+        if args.only and key not in args.only.split(","):
+            continue
         result["runs"][key] = entry = step()
         print(f"{name} {key}: rc {entry['rc']}, {entry['wall_s']:.1f} s wall", flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"fresh_{name}.json").write_text(json.dumps(result, indent=1))
     runs = result["runs"]
-    base = runs["plain"]["wall_s"]
+    base = runs.get("plain", {}).get("wall_s")
     for key in ("evalsuite_cold", "evalsuite_warm_cached", "evalsuite_warm_no_cache"):
-        print(f"{name} {key} / plain: {runs[key]['wall_s'] / base:.2f}x", flush=True)
+        if base and key in runs:
+            print(f"{name} {key} / plain: {runs[key]['wall_s'] / base:.2f}x", flush=True)
     return 0
 
 
