@@ -1,10 +1,16 @@
-"""The restructured package computes what the code before it computed, bit for bit.
+"""The restructured package computes what the code before it computed.
 
 How: the pre-refactor tree (commit PRE_REFACTOR, read from this checkout's git history) and this
 tree each run the same `evalsuite run` in a fresh process; every metric of every dtype, the
 numerics and benchmark sections and every per-token array must be equal, except timings and the
 figures listed in CHANGED_ON_PURPOSE, each with the issue that changed it and the test that
-checks the new value. Skips where the checkout has no git history (a source tarball).
+checks the new value. Statuses, counts, argmaxes and every integer are compared exactly; floats
+were bit-identical through issue 14 and are now compared to FLOAT_REL, because issue 17 rewrote
+the CPU float64 divergence sum (sum_v p_ref (ref - test) - lse_ref + lse_test instead of
+sum_v p_ref (log p_ref - log p_test): the same sum, other roundings; the last bits of a float64
+move, tests/metrics/test_divergence.py checks it against numpy). The new tree runs PyTorch's own
+half kernels (--cpu-half-gemm native) as the old one did. Skips where the checkout has no git
+history (a source tarball).
 """
 
 from __future__ import annotations
@@ -60,9 +66,13 @@ def _run(tree: Path, model: Path, out: Path, extra: list[str]) -> dict:
     return results
 
 
+FLOAT_REL, FLOAT_ABS = 1e-12, 1e-13  # float64 rounding of a reordered sum of terms near |lse| (~10): ~1e-15 absolute
+NEW_ARGS = ["--cpu-half-gemm", "native"]
+
+
 def _same(a, b) -> bool:
-    if isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b):
-        return True
+    if isinstance(a, float) and isinstance(b, float):
+        return (math.isnan(a) and math.isnan(b)) or math.isclose(a, b, rel_tol=FLOAT_REL, abs_tol=FLOAT_ABS)
     return a == b
 
 
@@ -94,31 +104,34 @@ def _compare(old: dict, new: dict) -> int:
         if section in old:
             count += _covered(old[section], new.get(section), section)
     for k, v in old["per_token"].items():
-        np.testing.assert_array_equal(v, new["per_token"][k], err_msg=k)
+        if np.issubdtype(v.dtype, np.floating):
+            np.testing.assert_allclose(new["per_token"][k], v, rtol=FLOAT_REL, atol=FLOAT_ABS, err_msg=k)
+        else:
+            np.testing.assert_array_equal(v, new["per_token"][k], err_msg=k)
         count += v.size
     return count
 
 
 @pytest.mark.parametrize("model", ["tiny_llama", "tiny_qwen_no_bos"])
-def test_tiny_models_bit_identical_to_pre_refactor(model, old_tree, request, tmp_path):
+def test_tiny_models_compute_what_the_pre_refactor_code_did(model, old_tree, request, tmp_path):
     path = request.getfixturevalue(model)
     old = _run(old_tree, path, tmp_path / "old", [])
-    new = _run(ROOT, path, tmp_path / "new", [])
+    new = _run(ROOT, path, tmp_path / "new", NEW_ARGS)
     count = _compare(old, new)
-    print(f"{model}: {count} values bit-identical")  # shown with -s; recorded in the closing note
+    print(f"{model}: {count} values equal")  # shown with -s; recorded in the closing note
     assert count > 1000
 
 
 @pytest.mark.slow
-def test_gemma_bit_identical_to_pre_refactor(old_tree, demo_model, tmp_path):
+def test_gemma_computes_what_the_pre_refactor_code_did(old_tree, demo_model, tmp_path):
     # benchmarks off: FP16's answers have no finite log-likelihood, which issue 19 reports as no answer
     # (tests/bench/test_bench_nonfinite.py); the tiny models check the benchmark figures
     extra = ["--seq-len", "128", "--max-tokens", "256", "--tasks", "none"]
     old = _run(old_tree, demo_model, tmp_path / "old", extra)
     # repair (issue 15) adds passes and a verdict reason to a broken FP16 on purpose: identity is of the passes
     # the old code ran, so the new run leaves it out (tests/passes/test_recipe_runs.py checks the repair)
-    new = _run(ROOT, demo_model, tmp_path / "new", [*extra, "--no-repair"])
+    new = _run(ROOT, demo_model, tmp_path / "new", [*extra, "--no-repair", *NEW_ARGS])
     assert new["dtypes"]["fp16"]["status"] == "broken"  # the finding itself is part of what must not change
     count = _compare(old, new)
-    print(f"gemma: {count} values bit-identical")
+    print(f"gemma: {count} values equal")
     assert count > 1000

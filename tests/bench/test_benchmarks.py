@@ -130,8 +130,10 @@ def _records(files: dict) -> list[dict]:
 @pytest.mark.slow
 def test_acc_and_logliks_equal_lm_evals_own_evaluation(tiny_llama, tmp_path):
     """The same model through lm_eval.simple_evaluate (its own load, its own loop) gives the same
-    accuracy per subject and group, and the same per-question log-likelihoods."""
-    cfg = _cfg(tmp_path, dtypes=(DTYPES["fp16"],), limit=4, num_fewshot=2)
+    accuracy per subject and group, and the same per-question log-likelihoods. lm-eval runs
+    PyTorch's own FP16 kernels, so the run does too (--cpu-half-gemm native; tests/model/test_cpu.py
+    checks the FP32-GEMM path)."""
+    cfg = _cfg(tmp_path, dtypes=(DTYPES["fp16"],), limit=4, num_fewshot=2, cpu_half_gemm="native")
     results, obs = _run(tiny_llama, cfg)
     section = results.sections["benchmarks"]
     assert section["failed"] == {} and section["n_questions"] == 24
