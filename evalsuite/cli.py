@@ -130,7 +130,10 @@ def _run(args: argparse.Namespace) -> int:
     from evalsuite.store.outdir import claim
 
     dist = distributed.from_env()
-    with claim(cfg.out_dir, cfg.to_dict(), dist.rank if dist else None, overwrite=args.overwrite or args.fresh):
+    from evalsuite.config import for_device, resolve_device
+
+    resolved, _ = for_device(cfg, resolve_device(cfg.device))  # what results.json records, to compare with
+    with claim(cfg.out_dir, resolved.to_dict(), dist.rank if dist else None, overwrite=args.overwrite or args.fresh):
         output = run(cfg, source, observers=_observers(cfg, source, bench_plan), resume=not args.no_resume,
                      fresh=args.fresh, write_outputs=partial(_write_outputs, cfg.out_dir, args.clock))
     if output is None:  # a data-parallel rank other than 0: rank 0 writes and gates the results

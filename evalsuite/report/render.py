@@ -53,6 +53,15 @@ def _flatten(d: Any, prefix: str = "") -> list[tuple[str, str]]:
     return rows
 
 
+def _without_phases(prov: dict) -> dict:
+    """Provenance without run_timing.phases: they are completed after the report is written (the
+    report's own time is one of them), so the page shows the run's step timings only."""
+    timing = prov.get("run_timing")
+    if not isinstance(timing, dict) or "phases" not in timing:
+        return prov
+    return {**prov, "run_timing": {k: v for k, v in timing.items() if k != "phases"}}
+
+
 def _nested(d: dict) -> tuple[list[tuple[str, str]], list[dict]]:
     """Scalar rows, plus one table per group of nested dicts with the same keys (e.g. reference
     and test numeric flags side by side)."""
@@ -239,7 +248,7 @@ def context(results: dict, label: str = "", file: str = "") -> dict:
         "benchmarks": bench_report.context(results), "recipes": recipes_report.context(results),
         "generation": gen_report.context(results),
         "all_metrics": _all_metrics(dtypes), "more_metrics": _all_metrics(dtypes, only_unknown=True),
-        "provenance": _nested(results.get("provenance") or {}), "model_rows": _flatten(model),
+        "provenance": _nested(_without_phases(results.get("provenance") or {})), "model_rows": _flatten(model),
         "corpus_rows": _flatten(results.get("corpus") or {}), "config_rows": _flatten(results.get("config") or {}),
         "other": _other_sections(results),
     }

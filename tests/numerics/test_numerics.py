@@ -9,7 +9,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from helpers import run_config, run_pair
+from helpers import fp32_gemm_linears, run_config, run_pair
 from tiny import build_model, build_planted
 from transformers import AutoModelForCausalLM
 
@@ -160,6 +160,7 @@ def test_activation_absmax_percentile_and_layer_error_match_recomputation(tiny_l
 
     # layer-wise error: the same sampled positions, hidden states from hooks on a fresh FP16 model
     test_model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float16).eval()
+    fp32_gemm_linears(test_model)  # as the run computes half Linears on a CPU
     states = {}
     for name in ("model.embed_tokens", "model.layers.0", "model.layers.1"):
         test_model.get_submodule(name).register_forward_hook(

@@ -106,7 +106,8 @@ def test_segmented_reference_equals_single_segment(tiny_llama, tmp_path, monkeyp
 def test_noise_floor_is_reported(tiny_llama, tmp_path):
     results, _ = run_pair(_config(tmp_path), str(tiny_llama))
     nf = results.noise_floor
-    assert nf["n_tokens"] == 700 and nf["batch_size"] != nf["reference_batch_size"]
+    assert nf["n_tokens"] == 512 == results.config["noise_tokens"]  # the CPU default: the first 512 tokens
+    assert nf["batch_size"] != nf["reference_batch_size"]
     assert nf["kl_mean"] >= 0 and nf["top1_agreement"] <= 1
     assert results.dtypes["fp16"].metrics["noise_kl_mean"] == nf["kl_mean"]
     assert results.provenance["reference_flags"]["cuda_matmul_allow_tf32"] is False
