@@ -6,7 +6,8 @@
 
 What a user and a CI job measure: each command is a new Python process, timed from outside
 (`subprocess` wall clock, imports and loads included), on the same card, same tokens and batch
-size, baselines in the same call. Order: evalsuite with empty caches (a fresh EVALSUITE_CACHE,
+size, baselines in the same call. Order (`--only` picks some): evalsuite with an empty kernel cache
+and no reference cache (`evalsuite_cold_no_cache`, not in the default set), evalsuite with empty caches (a fresh EVALSUITE_CACHE,
 so no reference cache and no compiled Triton kernel, and a fresh inductor cache), the plain loop,
 evalsuite again (warm: kernel cached, the reference read from the cache), evalsuite warm without
 the reference cache (every pass computed), the plain loop again. A random-init checkpoint of the
@@ -96,13 +97,16 @@ def main() -> int:
            "EVALSUITE_CACHE": str(work / "cache"), "TORCHINDUCTOR_CACHE_DIR": str(work / "inductor")}
     env.pop("TRITON_CACHE_DIR", None)  # evalsuite keeps its kernel under EVALSUITE_CACHE/triton
     result = {"shape": name, "tokens": args.max_tokens, "batch": args.batch, "runs": {}}
-    steps = [("evalsuite_cold", lambda: evalsuite_run(model, args, env, work / "o1", [])),
+    cold_env = {**env, "EVALSUITE_CACHE": str(work / "cache-nocache")}  # its own empty kernel cache
+    steps = [("evalsuite_cold_no_cache",
+              lambda: evalsuite_run(model, args, cold_env, work / "o0", ["--no-reference-cache"])),
+             ("evalsuite_cold", lambda: evalsuite_run(model, args, env, work / "o1", [])),
              ("plain", lambda: plain(model, args, env)),
              ("evalsuite_warm_cached", lambda: evalsuite_run(model, args, env, work / "o2", [])),
              ("evalsuite_warm_no_cache", lambda: evalsuite_run(model, args, env, work / "o3", ["--no-reference-cache"])),
              ("plain_again", lambda: plain(model, args, env))]
     for key, step in steps:
-        if args.only and key not in args.only.split(","):
+        if (args.only and key not in args.only.split(",")) or (not args.only and key == "evalsuite_cold_no_cache"):
             continue
         result["runs"][key] = entry = step()
         print(f"{name} {key}: rc {entry['rc']}, {entry['wall_s']:.1f} s wall", flush=True)
@@ -110,7 +114,7 @@ def main() -> int:
     (args.out / f"fresh_{name}.json").write_text(json.dumps(result, indent=1))
     runs = result["runs"]
     base = runs.get("plain", {}).get("wall_s")
-    for key in ("evalsuite_cold", "evalsuite_warm_cached", "evalsuite_warm_no_cache"):
+    for key in ("evalsuite_cold_no_cache", "evalsuite_cold", "evalsuite_warm_cached", "evalsuite_warm_no_cache"):
         if base and key in runs:
             print(f"{name} {key} / plain: {runs[key]['wall_s'] / base:.2f}x", flush=True)
     return 0
