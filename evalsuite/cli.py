@@ -28,7 +28,7 @@ from evalsuite.errors import (
     EvalsuiteError,
     UsageError,
 )
-from evalsuite.phases import Phases, active, process_started
+from evalsuite.phases import Phases, active, phase, process_started
 
 
 def cache_root() -> Path:
@@ -125,7 +125,8 @@ def _run(args: argparse.Namespace) -> int:
         from evalsuite.store.prompts import read_texts
 
         read_texts(cfg.gen_prompts, cfg.gen_column)
-    source = cfg.model or str(demo_checkpoint())
+    with phase("convert_demo"):  # once per machine: the embedded GGUF to an FP32 checkpoint (model/demo.py)
+        source = cfg.model or str(demo_checkpoint())
     from evalsuite.passes import distributed
     from evalsuite.store.outdir import claim
 
