@@ -95,3 +95,9 @@ def phase(name: str) -> Iterator[None]:
         return
     with clock(name):
         yield
+
+
+def current_name() -> str | None:
+    """The innermost running phase of the active clock ("test_pass", "repair/load"), or None."""
+    clock = _ACTIVE.get()
+    return clock._stack[-1][0] if clock is not None else None

@@ -6,13 +6,17 @@
 
 What a user and a CI job measure: each command is a new Python process, timed from outside
 (`subprocess` wall clock, imports and loads included), on the same card, same tokens and batch
-size, baselines in the same call. Order (`--only` picks some): evalsuite with an empty kernel cache
-and no reference cache (`evalsuite_cold_no_cache`, not in the default set), evalsuite with empty caches (a fresh EVALSUITE_CACHE,
-so no reference cache and no compiled Triton kernel, and a fresh inductor cache), the plain loop,
-evalsuite again (warm: kernel cached, the reference read from the cache), evalsuite warm without
-the reference cache (every pass computed), the plain loop again. A random-init checkpoint of the
-shape is built first (perf/baselines.py) and saved in BF16, so every load reads the same files
-from the page cache. Writes fresh_<name>.json under --out and prints one line per command.
+size, baselines in the same call. Order (`--only` picks some): the plain loop (the machine's first
+timed process: `plain_first`), evalsuite with an empty kernel cache and no reference cache
+(`evalsuite_cold_no_cache`, not in the default set), evalsuite with empty caches (a fresh
+EVALSUITE_CACHE, so no reference cache and no compiled Triton kernel, and a fresh inductor cache),
+the plain loop, evalsuite again (warm: kernel cached, the reference read from the cache), the plain
+loop of the test dtypes alone (`plain_tests`: what a cached reference should be compared with),
+evalsuite warm without the reference cache (every pass computed), the plain loop again. A
+random-init checkpoint of the shape is built first (perf/baselines.py), saved in BF16 and synced
+to disk, so every load reads the same files from the page cache. Each step records the GPU's
+clocks, power and temperature before it. Writes fresh_<name>.json under --out and prints one line
+per command.
 """
 
 from __future__ import annotations
@@ -59,9 +63,9 @@ def evalsuite_run(model: str, args, env: dict, out: Path, extra: list[str]) -> d
     return entry
 
 
-def plain(model: str, args, env: dict) -> dict:
+def plain(model: str, args, env: dict, dtypes: str | None = None) -> dict:
     cmd = [sys.executable, str(HERE / "plain_loop.py"), "--model", model, "--text", args.text,
-           "--max-tokens", str(args.max_tokens), "--batch", str(args.batch)]
+           "--max-tokens", str(args.max_tokens), "--batch", str(args.batch), *(["--dtypes", dtypes] if dtypes else [])]
     wall, text, rc = timed(cmd, env)
     entry = {"cmd": " ".join(cmd[1:]), "rc": rc, "wall_s": round(wall, 3)}
     try:
@@ -69,6 +73,16 @@ def plain(model: str, args, env: dict) -> dict:
     except (ValueError, IndexError):
         entry["tail"] = text[-3000:]
     return entry
+
+
+def gpu_state() -> str:
+    """SM and memory clocks, power and temperature now (nvidia-smi), to tell a slow machine from slow code."""
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=clocks.sm,clocks.mem,power.draw,temperature.gpu",
+                              "--format=csv,noheader"], capture_output=True, text=True, timeout=20)
+        return out.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "n/a"
 
 
 def main() -> int:
@@ -98,18 +112,23 @@ def main() -> int:
     env.pop("TRITON_CACHE_DIR", None)  # evalsuite keeps its kernel under EVALSUITE_CACHE/triton
     result = {"shape": name, "tokens": args.max_tokens, "batch": args.batch, "runs": {}}
     cold_env = {**env, "EVALSUITE_CACHE": str(work / "cache-nocache")}  # its own empty kernel cache
-    steps = [("evalsuite_cold_no_cache",
+    subprocess.run(["sync"], check=False)  # the checkpoint just written is on disk before anything is timed
+    steps = [("plain_first", lambda: plain(model, args, env)),
+             ("evalsuite_cold_no_cache",
               lambda: evalsuite_run(model, args, cold_env, work / "o0", ["--no-reference-cache"])),
              ("evalsuite_cold", lambda: evalsuite_run(model, args, env, work / "o1", [])),
              ("plain", lambda: plain(model, args, env)),
              ("evalsuite_warm_cached", lambda: evalsuite_run(model, args, env, work / "o2", [])),
+             ("plain_tests", lambda: plain(model, args, env, "float16,bfloat16")),
              ("evalsuite_warm_no_cache", lambda: evalsuite_run(model, args, env, work / "o3", ["--no-reference-cache"])),
              ("plain_again", lambda: plain(model, args, env))]
     for key, step in steps:
         if (args.only and key not in args.only.split(",")) or (not args.only and key == "evalsuite_cold_no_cache"):
             continue
+        gpu = gpu_state()
         result["runs"][key] = entry = step()
-        print(f"{name} {key}: rc {entry['rc']}, {entry['wall_s']:.1f} s wall", flush=True)
+        entry["gpu_before"] = gpu
+        print(f"{name} {key}: rc {entry['rc']}, {entry['wall_s']:.1f} s wall (GPU before: {gpu})", flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"fresh_{name}.json").write_text(json.dumps(result, indent=1))
     runs = result["runs"]
@@ -117,6 +136,10 @@ def main() -> int:
     for key in ("evalsuite_cold_no_cache", "evalsuite_cold", "evalsuite_warm_cached", "evalsuite_warm_no_cache"):
         if base and key in runs:
             print(f"{name} {key} / plain: {runs[key]['wall_s'] / base:.2f}x", flush=True)
+    tests = runs.get("plain_tests", {}).get("wall_s")
+    if tests and "evalsuite_warm_cached" in runs:
+        print(f"{name} evalsuite_warm_cached / plain_tests (fp16+bf16 only): "
+              f"{runs['evalsuite_warm_cached']['wall_s'] / tests:.2f}x", flush=True)
     return 0
 
 

@@ -90,3 +90,16 @@ def test_device_defaults_fill_only_what_the_user_left_open(tmp_path):
     assert (mine.noise_tokens, mine.repair_tokens) == (7, 9)
     demo, notes = for_device(run_config(tmp_path, model=None, max_tokens=None), torch.device("cpu"))
     assert demo.max_tokens == DEMO_CPU_TOKENS and notes and "--max-tokens" in notes[0]
+
+
+def test_current_name_is_the_innermost_running_phase():
+    from evalsuite.phases import Phases, active, current_name, phase
+
+    assert current_name() is None
+    with active(Phases(first="startup")):
+        assert current_name() == "startup"
+        with phase("repair"):
+            with phase("load"):
+                assert current_name() == "repair/load"
+            assert current_name() == "repair"
+    assert current_name() is None

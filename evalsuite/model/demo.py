@@ -12,6 +12,7 @@ import contextlib
 import os
 import shutil
 import tempfile
+import types
 from pathlib import Path
 
 from evalsuite.errors import MissingExtraError, ModelLoadError
@@ -80,16 +81,19 @@ def demo_checkpoint() -> Path:
 
 @contextlib.contextmanager
 def _one_gguf_reader():
-    """Parse the GGUF once for the tokenizer, the config and the weights.
+    """Parse the GGUF once for the tokenizer, the config and the weights, from memory.
 
     Why: transformers builds a new `gguf.GGUFReader` for each of the three, and parsing this file's
-    metadata (262,144 vocabulary strings, each a numpy memmap slice) is most of the conversion:
-    on the 2-core CPU the three parses took about 80 of its 95 s. The reader is read-only (fields,
-    memory-mapped tensors), so one instance serves all three loads.
+    metadata (262,144 vocabulary strings, several numpy slices each) is most of the conversion: on
+    the 2-core CPU the three parses took about 80 of its 95 s. The reader is read-only (fields,
+    tensor views), so one instance serves all three loads. It reads the file (about 250 MB) into
+    an ordinary array instead of `np.memmap`: every slice of a memmap runs memmap's Python
+    `__getitem__` and `__array_finalize__`, which were most of the one parse left.
     """
     import gguf
+    import gguf.gguf_reader as reader_module
 
-    real = gguf.GGUFReader
+    real, real_np = gguf.GGUFReader, reader_module.np
     readers: dict = {}
 
     def reader(path, *args, **kwargs):
@@ -99,7 +103,24 @@ def _one_gguf_reader():
         return readers[key]
 
     gguf.GGUFReader = reader  # transformers imports it from gguf at each load
+    reader_module.np = _InMemoryNumpy(real_np)
     try:
         yield
     finally:
-        gguf.GGUFReader = real
+        gguf.GGUFReader, reader_module.np = real, real_np
+
+
+class _InMemoryNumpy(types.ModuleType):
+    """numpy as gguf's reader sees it, except that `memmap(path, mode="r")` reads the file into memory."""
+
+    def __init__(self, numpy):
+        super().__init__("numpy")
+        self._numpy = numpy
+
+    def __getattr__(self, name):
+        return getattr(self._numpy, name)
+
+    def memmap(self, path, mode="r", **kwargs):
+        if mode != "r" or kwargs:
+            return self._numpy.memmap(path, mode=mode, **kwargs)
+        return self._numpy.fromfile(path, dtype=self._numpy.uint8)

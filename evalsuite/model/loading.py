@@ -59,6 +59,19 @@ def hidden_size(source: str, trust_remote_code: bool = False) -> int | None:
         return None
 
 
+def vocab_size(source: str, trust_remote_code: bool = False) -> int | None:
+    """The vocabulary size from the checkpoint's config (None where it cannot be read): a hint only."""
+    _quiet_transformers()
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+        text = config.get_text_config() if hasattr(config, "get_text_config") else config
+        return int(text.vocab_size)
+    except Exception:  # noqa: BLE001 - only a hint: a wrong or missing one costs a compile, never a number
+        return None
+
+
 def load_tokenizer(source: str, trust_remote_code: bool = False):
     _quiet_transformers()
     from transformers import AutoTokenizer

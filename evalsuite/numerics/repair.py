@@ -13,6 +13,8 @@ runs a real pass (passes/repair.py). Nothing here is specific to a model:
    failure is added as an island (a block) or moves the start earlier (a layer before it);
 4. pruning the best safe candidate: the stream started at the first non-finite layer instead (the
    latest start that can work, measured and kept only if safe), then each island dropped in turn.
+   A pruned candidate whose headroom (known from the reference's activations before any pass)
+   is short of the margin cannot be safe, whatever its pass shows: it is listed, not measured.
 
 Safe: no non-finite logit or module output on the measured tokens, and at least the margin of
 headroom everywhere (reference activations against the formats the recipe hands each module's
@@ -45,10 +47,11 @@ class Outcome:
     min_headroom_bits: float | None  # under the recipe's formats, reference activations
     tight_module: str | None = None  # where that headroom is smallest
     cost: tuple = field(default=(0, 0))  # (extra FP32 parameters, FP32 stream layers)
+    measured: bool = True  # False: ruled out by its headroom alone, no pass run
 
     @property
     def finite(self) -> bool:
-        return not self.metrics.get("nonfinite_tokens") and self.first_failure is None
+        return self.measured and not self.metrics.get("nonfinite_tokens") and self.first_failure is None
 
 
 def headroom(p: Precision, modules: list[dict]) -> tuple[float | None, str | None]:
@@ -119,8 +122,19 @@ def search(base: Precision, findings: dict, measure: Callable[[Precision], Outco
         start = min(start, base.residual_fp32_from)
     best = _stream(base, findings, start, run, margin)
     if best is not None:
-        _prune(best, base, ff, run, margin)
+        _prune(best, base, ff, _unless_short(run, tried, findings), margin)
     return list(tried.values())
+
+
+def _unless_short(run, tried: dict, findings: dict):
+    """`run` for the pruning step: a candidate short of headroom is recorded unmeasured instead."""
+    def prune_run(p: Precision) -> Outcome | None:
+        h, where = headroom(p, findings["modules"])
+        if p.name in tried or h is None or h >= findings["margin_bits"]:
+            return run(p)
+        tried[p.name] = Outcome(p, {}, None, h, where, measured=False)
+        return tried[p.name]
+    return prune_run
 
 
 def _stream(base: Precision, findings: dict, start: int, run, margin: float) -> Outcome | None:
@@ -182,6 +196,9 @@ def choose(outcomes: list[Outcome], margin: float) -> tuple[Outcome | None, str]
 
 def rejection(o: Outcome, margin: float, chosen: Outcome | None) -> str:
     """Why a candidate was not chosen, in words."""
+    if not o.measured:
+        return (f"not measured: {o.min_headroom_bits:.2f} bits of headroom at {o.tight_module} (< {margin:g}) "
+                "from the reference's activations, so it cannot be safe")
     if not o.finite:
         where = o.first_failure["module"] if o.first_failure else None
         bad = o.metrics.get("nonfinite_tokens")

@@ -30,7 +30,7 @@ from evalsuite.model.convert import load_recipe
 from evalsuite.model.cpu import fp32_accumulating_linears
 from evalsuite.model.forward import Scorer
 from evalsuite.model.kept import KeptReference
-from evalsuite.model.loading import load_model, placement, unload
+from evalsuite.model.loading import load_model, placement, unload, vocab_size
 from evalsuite.model.precision import Precision, exact_fp32, pass_flags
 from evalsuite.passes import reference
 from evalsuite.passes.reference import segments_of
@@ -39,6 +39,7 @@ from evalsuite.passes.scoring import (
     TokenArrays,
     compare,
     noise_pass,
+    prewarm_kernels,
     restore_observers,
     staging,
     timed_pass,
@@ -91,6 +92,7 @@ class Loop:
 
     def __init__(self, plan: Plan, stores: Stores, observers: tuple, collect_snapshots: bool = False):
         self.cfg, self.source, self.device, self.tokenizer = plan.cfg, plan.source, plan.device, plan.tokenizer
+        self.prewarm = None  # scoring.prewarm_kernels: a thread compiling the kernel while the reference loads
         self.windows, self.tests, self.observers = plan.windows, plan.tests, observers
         self.state, self.cache, self.writer = stores.state, stores.cache, stores.writer
         self.noise_tokens = plan.noise_tokens
@@ -149,6 +151,9 @@ class Loop:
 
     def run_all(self) -> None:
         seg = 0
+        if self.device.type == "cuda":  # the kernel compiles while the reference loads (or is read back)
+            self.prewarm = prewarm_kernels(self.device, vocab_size(self.source, self.cfg.trust_remote_code),
+                                           [p.dtype for p in self.tests])
         while self.segments is None or seg < len(self.segments):
             todo = [p for p in self.tests if p.name not in self.failed and not self.state.has(seg, p.name)]
             buffer = self._reference(seg, need_logits=bool(todo))
@@ -180,7 +185,8 @@ class Loop:
         with phase("load"):  # the decoder/head split's probe forward touches every weight once
             scorer = Scorer(model, self.device, compile=compile)
         with phase("compile"):
-            kernel_s = warm_kernels(scorer, "test" if arrays is not None else "reference")
+            kernel_s = warm_kernels(scorer, "test" if arrays is not None else "reference", self.prewarm)
+            self.prewarm = None
         if kernel_s:
             timing = (arrays or self.ref).timing
             timing["kernel_compile_s"] = timing.get("kernel_compile_s", 0.0) + kernel_s

@@ -198,7 +198,7 @@ def _outcome_dict(o: search.Outcome, verdict: str, why: str) -> dict:
 
 def _report(p, findings, baseline: search.Outcome, outcomes, others: dict, margin: float, tokens: dict) -> dict:
     chosen, kind = search.choose(outcomes, margin)
-    rows = [_outcome_dict(o, "chosen" if o is chosen else "rejected",
+    rows = [_outcome_dict(o, "chosen" if o is chosen else "rejected" if o.measured else "not measured",
                           "cheapest safe" if o is chosen and kind == "safe" else
                           "finite, but short of headroom; no safe candidate" if o is chosen else
                           search.rejection(o, margin, chosen)) for o in outcomes]

@@ -81,7 +81,8 @@ def _chain(name: str, d: dict, dtypes: dict, stored: str | None, split: dict | N
 
 def _candidate(c: dict) -> dict:
     return {"recipe": str(c.get("recipe")), "status": str(c.get("status")), "why": str(c.get("why") or ""),
-            "nonfinite": fmt(c.get("nonfinite_tokens")), "first": str(c.get("first_nonfinite_module") or "none"),
+            "nonfinite": fmt(c.get("nonfinite_tokens")),
+            "first": str(c.get("first_nonfinite_module") or ("-" if c.get("status") == "not measured" else "none")),
             "kl_mean": fmt(c.get("kl_mean"), 3), "kl_p99": fmt(c.get("kl_p99"), 3), "top1": pct(c.get("top1_agreement")),
             "headroom": fmt(c.get("min_headroom_bits"), 3), "fp32": fmt(c.get("fp32_params"), 3),
             "tok_s": fmt(c.get("tokens_per_s"), 3), "peak": fmt(c.get("peak_memory_gib"), 3),

@@ -188,3 +188,18 @@ def test_a_whole_run_with_neither_bos_nor_eos(models, tmp_path):
     assert section["status"] == "ok" and section["failed"] == {} and obs.failures == []
     assert all("acc/zh_mc" in results.dtypes[n].metrics for n in ("fp32", "bf16"))
     assert "delta_acc/zh_mc" in results.dtypes["bf16"].metrics
+
+
+@pytest.mark.parametrize("kind", ["no_bos", "neither_no_pad"])
+def test_the_runs_tokenizer_is_left_as_it_was_and_copied_only_without_a_pad_token(models, kind, tmp_path):
+    """HFLM sets a pad token where there is none: only then does the observer score with a copy."""
+    tok = _tokenizer(models[kind])
+    pad_before, side_before = tok.pad_token_id, tok.padding_side
+    cfg = _cfg(tmp_path, limit=2)
+    obs = BenchmarkObserver(prepare(cfg), cfg)
+    obs.pass_finished(_ctx(cfg, "fp32", _model(models[kind], "fp32"), tok))
+    assert obs.failures == []
+    assert (tok.pad_token_id, tok.padding_side) == (pad_before, side_before)
+    assert (obs._tokenizer is tok) == (pad_before is not None)
+    if pad_before is None:
+        assert obs._tokenizer.pad_token_id is not None  # HFLM's own choice, on the copy

@@ -203,6 +203,7 @@ def test_last_positions_only_give_the_same_logliks(tiny_llama, tmp_path, dtype):
         scored = bench_lm.loglikelihoods(lm, bench_lm.schedule(lm, tokens), 5, progress=False)
     trimmed = scored.results
     assert calls and calls[0].trimmed > 0  # the short path was taken
+    assert calls[0].split is not None  # with the head at each row's own positions only
     assert scored.batch_size == scored.batch_size_start == 5
     np.testing.assert_allclose([x[0] for x in trimmed], [x[0] for x in full], rtol=1e-6 if dtype == "float32" else 0)
     assert [x[1] for x in trimmed] == [x[1] for x in full]
@@ -413,3 +414,23 @@ def test_tasks_dir_override(tmp_path, monkeypatch):
         tasks_dir()
     monkeypatch.setenv("EVALSUITE_TASKS_DIR", str(TASKS))
     assert tasks_dir() == TASKS
+
+
+def test_a_model_whose_logits_are_not_its_head_on_its_decoder_keeps_its_own_forward(tiny_llama):
+    """A logit scale (as some architectures apply in forward) fails the probe: no per-row head."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from evalsuite.bench import lm as bench_lm
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)
+    assert bench_lm._HeadSplit.of(model) is not None
+    real = model.forward
+
+    def scaled(*a, **kw):
+        out = real(*a, **kw)
+        out.logits = out.logits * 0.5
+        return out
+
+    model.forward = scaled
+    assert bench_lm._HeadSplit.of(model) is None

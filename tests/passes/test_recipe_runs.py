@@ -119,7 +119,7 @@ def test_repair_finds_the_planted_module_and_nothing_more(planted_run):
     assert fp16.metrics["repair_recipe"] == r["chosen"] and fp16.metrics["repair_nonfinite_tokens"] == 0
     rows = {c["recipe"]: c for c in r["candidates"]}
     assert rows[r["chosen"]]["status"] == "chosen" and rows[r["chosen"]]["first_nonfinite_module"] is None
-    assert all(c["status"] == "rejected" and c["why"] for n, c in rows.items() if n != r["chosen"])
+    assert all(c["status"] in ("rejected", "not measured") and c["why"] for n, c in rows.items() if n != r["chosen"])
     assert rows["fp16+clamp"]["first_nonfinite_module"] == "model.layers.1.mlp"  # no NaN in the logits is not safe
     reasons = results.sections["numerics"]["verdicts"]["fp16"]["reasons"]
     assert reasons[-1].startswith("repair: FP16 with an FP32 residual stream from layer 1") and r["chosen"] in reasons[-1]

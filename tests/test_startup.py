@@ -1,0 +1,58 @@
+"""evalsuite/startup.py: compiled bytecode kept under evalsuite's cache only where Python can't keep it itself."""
+
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import pytest
+
+from evalsuite import startup
+
+
+@pytest.fixture
+def package(tmp_path, monkeypatch):
+    """A stand-in for torch: a package file PROBE resolves to, with no bytecode beside it."""
+    pkg = tmp_path / "site" / "probe"
+    pkg.mkdir(parents=True)
+    (pkg / "__init__.py").write_text("x = 1\n")
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: SimpleNamespace(origin=str(pkg / "__init__.py")))
+    monkeypatch.setattr(sys, "pycache_prefix", None)
+    monkeypatch.setattr(sys, "dont_write_bytecode", False)
+    return pkg
+
+
+def test_a_read_only_package_without_bytecode_gets_the_prefix(package, tmp_path, monkeypatch):
+    monkeypatch.setattr(startup.os, "access", lambda path, mode: False)  # (as root, chmod would not stop a write)
+    assert startup.bytecode_cache(tmp_path / "cache") == tmp_path / "cache" / "pycache"
+    assert sys.pycache_prefix == str(tmp_path / "cache" / "pycache") and (tmp_path / "cache" / "pycache").is_dir()
+
+
+def test_nothing_changes_where_python_caches_bytecode_itself(package, tmp_path, monkeypatch):
+    assert startup.bytecode_cache(tmp_path / "cache") is None  # writable: Python writes __pycache__ there
+    monkeypatch.setattr(startup.os, "access", lambda path, mode: False)
+    pyc = importlib.util.cache_from_source(str(package / "__init__.py"))
+    (package / "__pycache__").mkdir()
+    open(pyc, "wb").close()
+    assert startup.bytecode_cache(tmp_path / "cache") is None  # compiled already, next to the sources
+    monkeypatch.setattr(sys, "pycache_prefix", "/elsewhere")
+    assert startup.bytecode_cache(tmp_path / "cache") is None  # the user's own choice stays
+    assert sys.pycache_prefix == "/elsewhere" and not (tmp_path / "cache").exists()
+    monkeypatch.setattr(sys, "pycache_prefix", None)
+    monkeypatch.setattr(sys, "dont_write_bytecode", True)  # PYTHONDONTWRITEBYTECODE: no bytecode written anywhere
+    (package / "__pycache__" / pyc.rsplit("/", 1)[1]).unlink()
+    assert startup.bytecode_cache(tmp_path / "cache") is None and sys.pycache_prefix is None
+
+
+def test_the_prefix_takes_the_compiled_modules_of_a_later_import(tmp_path, monkeypatch):
+    """In a fresh interpreter: with the prefix set, importing a module writes its bytecode there."""
+    (tmp_path / "mod_x.py").write_text("y = 2\n")
+    code = ("import sys; sys.pycache_prefix = sys.argv[1]; sys.path.insert(0, sys.argv[2]); import mod_x; "
+            "print(mod_x.y)")
+    monkeypatch.delenv("PYTHONDONTWRITEBYTECODE", raising=False)
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "pc"), str(tmp_path)], capture_output=True,
+                         text=True, check=True)
+    assert out.stdout.strip() == "2"
+    assert list((tmp_path / "pc").rglob("mod_x*.pyc")), "bytecode written under the prefix"
