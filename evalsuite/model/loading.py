@@ -46,30 +46,29 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0][:300] if text else type(exc).__name__
 
 
-def hidden_size(source: str, trust_remote_code: bool = False) -> int | None:
-    """The decoder's width from the checkpoint's config (None where it cannot be read): sizes batches."""
+def _text_config(source: str, trust_remote_code: bool):
+    """The checkpoint's (text) config, or None where it cannot be read: for hints only."""
     _quiet_transformers()
     from transformers import AutoConfig
 
     try:
         config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
-        text = config.get_text_config() if hasattr(config, "get_text_config") else config
-        return int(text.hidden_size)
-    except Exception:  # noqa: BLE001 - only a hint: load_model reports a bad config in its own words
+        return config.get_text_config() if hasattr(config, "get_text_config") else config
+    except Exception:  # noqa: BLE001 - load_model reports a bad config in its own words
         return None
+
+
+def hidden_size(source: str, trust_remote_code: bool = False) -> int | None:
+    """The decoder's width from the checkpoint's config (None where it cannot be read): sizes batches."""
+    width = getattr(_text_config(source, trust_remote_code), "hidden_size", None)
+    return int(width) if width else None
 
 
 def vocab_size(source: str, trust_remote_code: bool = False) -> int | None:
-    """The vocabulary size from the checkpoint's config (None where it cannot be read): a hint only."""
-    _quiet_transformers()
-    from transformers import AutoConfig
-
-    try:
-        config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
-        text = config.get_text_config() if hasattr(config, "get_text_config") else config
-        return int(text.vocab_size)
-    except Exception:  # noqa: BLE001 - only a hint: a wrong or missing one costs a compile, never a number
-        return None
+    """The vocabulary size from the config (None where unknown): a hint only, for prewarm_kernels,
+    where a wrong or missing one costs a compile, never a number."""
+    vocab = getattr(_text_config(source, trust_remote_code), "vocab_size", None)
+    return int(vocab) if vocab else None
 
 
 def load_tokenizer(source: str, trust_remote_code: bool = False):

@@ -421,10 +421,10 @@ def test_a_model_whose_logits_are_not_its_head_on_its_decoder_keeps_its_own_forw
     import torch
     from transformers import AutoModelForCausalLM
 
-    from evalsuite.bench import lm as bench_lm
+    from evalsuite.bench import positions as bench_positions
 
     model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)
-    assert bench_lm._HeadSplit.of(model) is not None
+    assert bench_positions._HeadSplit.of(model) is not None
     real = model.forward
 
     def scaled(*a, **kw):
@@ -433,4 +433,4 @@ def test_a_model_whose_logits_are_not_its_head_on_its_decoder_keeps_its_own_forw
         return out
 
     model.forward = scaled
-    assert bench_lm._HeadSplit.of(model) is None
+    assert bench_positions._HeadSplit.of(model) is None

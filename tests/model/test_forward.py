@@ -142,6 +142,12 @@ def test_automatic_batch_size_holds_tokens_times_width(tiny_llama):
     assert auto_batch_size(CPU, 64, 4096) == 16  # the CPU keeps its small batches
     assert hidden_size(str(tiny_llama)) == 64
     assert hidden_size("/nonexistent/model") is None
+    import json
+
+    from evalsuite.model.loading import vocab_size
+
+    assert vocab_size(str(tiny_llama)) == json.loads((tiny_llama / "config.json").read_text())["vocab_size"]
+    assert vocab_size("/nonexistent/model") is None
 
 
 @pytest.mark.parametrize("fixture", ["tiny_llama", "tiny_qwen_no_bos"])
