@@ -70,16 +70,23 @@ def _run(tree: Path, model: Path, out: Path, extra: list[str]) -> dict:
 
 
 FLOAT_REL, FLOAT_ABS = 1e-12, 1e-12  # float64 rounding of reordered sums (~1e-15) and of differences of them (ΔPPL: ~1e-13)
+# Issue 17 (round 7): the benchmarks' LM head runs at each row's own continuation positions
+# (bench/positions.py), an FP32 GEMM of another shape than the old last-k-positions one, so each
+# choice's log-likelihood moves in its last bits (~1e-7 relative; tests/bench/test_benchmarks.py
+# holds them to HFLM's full-logits ones: FP16/BF16 exactly, FP32 within 1e-6). Benchmark floats
+# (the section and the per-task metrics, "name/task") are compared to BENCH_REL; every answer,
+# count and flip still exactly.
+BENCH_REL, BENCH_ABS = 1e-5, 1e-9  # a choice KL of ~3e-6 nats moves by ~1e-10: differences of near-equal log-likelihoods
 NEW_ARGS = ["--cpu-half-gemm", "native"]
 
 
-def _same(a, b) -> bool:
+def _same(a, b, tol=(FLOAT_REL, FLOAT_ABS)) -> bool:
     if isinstance(a, float) and isinstance(b, float):
-        return (math.isnan(a) and math.isnan(b)) or math.isclose(a, b, rel_tol=FLOAT_REL, abs_tol=FLOAT_ABS)
+        return (math.isnan(a) and math.isnan(b)) or math.isclose(a, b, rel_tol=tol[0], abs_tol=tol[1])
     return a == b
 
 
-def _covered(old, new, where: str) -> int:
+def _covered(old, new, where: str, tol=(FLOAT_REL, FLOAT_ABS)) -> int:
     """Assert every value `old` holds is in `new` unchanged (new keys may be added); return the count."""
     if isinstance(old, dict):
         assert isinstance(new, dict), where
@@ -88,12 +95,12 @@ def _covered(old, new, where: str) -> int:
             if k in TIMINGS or k.split("/")[0] in CHANGED_ON_PURPOSE or k in PATHS or k.endswith("_s"):
                 continue
             assert k in new, f"{where}.{k} is gone"
-            count += _covered(v, new[k], f"{where}.{k}")
+            count += _covered(v, new[k], f"{where}.{k}", (BENCH_REL, BENCH_ABS) if "/" in k else tol)
         return count
     if isinstance(old, list) and old and isinstance(old[0], dict | list):
         assert isinstance(new, list) and len(old) == len(new), where
-        return sum(_covered(a, b, f"{where}[{i}]") for i, (a, b) in enumerate(zip(old, new, strict=True)))
-    assert _same(old, new), (where, old, new)
+        return sum(_covered(a, b, f"{where}[{i}]", tol) for i, (a, b) in enumerate(zip(old, new, strict=True)))
+    assert _same(old, new, tol), (where, old, new)
     return 1
 
 
@@ -105,7 +112,8 @@ def _compare(old: dict, new: dict) -> int:
                           {"status": new["dtypes"][name]["status"], **new["dtypes"][name].get("metrics", {})}, name)
     for section in ("numerics", "noise_floor", "benchmarks"):
         if section in old:
-            count += _covered(old[section], new.get(section), section)
+            tol = (BENCH_REL, BENCH_ABS) if section == "benchmarks" else (FLOAT_REL, FLOAT_ABS)
+            count += _covered(old[section], new.get(section), section, tol)
     for k, v in old["per_token"].items():
         if np.issubdtype(v.dtype, np.floating):
             np.testing.assert_allclose(new["per_token"][k], v, rtol=FLOAT_REL, atol=FLOAT_ABS, err_msg=k)
