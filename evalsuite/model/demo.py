@@ -1,7 +1,7 @@
 """The embedded default model: Gemma 3 270M, shipped on PyPI as a 4-bit GGUF file.
 
 `evalsuite run` with no `--model` uses it so that the main job runs on a fresh machine with no
-Hub access. The GGUF is dequantised once (55 s on the 2-core CPU) and cached as an FP32
+Hub access. The GGUF is dequantised once (42-46 s on the 2-core CPU) and cached as an FP32
 safetensors checkpoint; later runs load the cache directly. Its FP32 "reference" is the
 dequantised model: right for comparing precisions, not for absolute quality claims.
 """
