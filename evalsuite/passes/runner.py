@@ -133,11 +133,12 @@ def setup(cfg: RunConfig, source: str, dist, timing: dict) -> Setup:
         say(note)
     tuned = device.type == "cpu" and tune_allocator()
     check_model_source(source)
-    digest = _digest_meanwhile(cfg, source)
     limit = max_positions(source)
     if limit is not None and cfg.seq_len + 1 > limit:  # a window is seq_len tokens plus one of context
         raise UsageError(f"--seq-len {cfg.seq_len} needs {cfg.seq_len + 1} positions but {source} has "
                          f"max_position_embeddings {limit}: use --seq-len {limit - 1} or less")
+    # after the option checks: a refused run exits at once instead of waiting for the hash
+    digest = _digest_meanwhile(cfg, source)
     with phase("tokenizer"):
         tokenizer = load_tokenizer(source, cfg.trust_remote_code)
     with phase("tokenize"):
