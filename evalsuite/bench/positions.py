@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
+from evalsuite.model.head import softcap
+
 
 def text_config(model):
     config = model.config
@@ -101,8 +103,7 @@ class _HeadSplit:
         return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]  # (B, P, H)
 
     def _head(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = self.head(hidden)
-        return torch.tanh(logits / self.cap) * self.cap if self.cap else logits
+        return softcap(self.head(hidden), self.cap)
 
     @torch.no_grad()
     def logits(self, inps: torch.Tensor, lengths: list[int], max_cont: int, keep: int) -> torch.Tensor:
@@ -116,5 +117,3 @@ class _HeadSplit:
         out = logits.new_zeros((b, keep, logits.shape[-1]))
         out[rows, pos - (p - keep)] = logits
         return out
-
-

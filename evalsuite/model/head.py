@@ -20,6 +20,11 @@ import torch.nn.functional as F
 VOCAB_PAD = 64  # rows the padded head is rounded up to (vLLM's DEFAULT_VOCAB_PADDING_SIZE)
 
 
+def pads_by_default(vocab: int, itemsize: int) -> bool:
+    """Whether a one-GPU plain-Linear head of this vocabulary and weight size is padded (`padded_head`)."""
+    return itemsize == 2 and vocab % 8 != 0
+
+
 def padded_head(head, vocab: int, pad: bool | None, sharded: bool = False) -> tuple | None:
     """(weight (Vpad, H), bias (Vpad,) or None): the head's with zero rows up to a multiple of VOCAB_PAD.
 
@@ -32,7 +37,7 @@ def padded_head(head, vocab: int, pad: bool | None, sharded: bool = False) -> tu
     if pad is None:
         weight = getattr(head, "weight", None)
         pad = (type(head) is torch.nn.Linear and weight is not None and weight.device.type == "cuda"
-               and weight.element_size() == 2 and vocab % 8 != 0 and not sharded and not hasattr(head, "_hf_hook"))
+               and pads_by_default(vocab, weight.element_size()) and not sharded and not hasattr(head, "_hf_hook"))
     if not pad or type(head) is not torch.nn.Linear:
         return None
     rows = -(-vocab // VOCAB_PAD) * VOCAB_PAD

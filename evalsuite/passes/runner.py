@@ -221,8 +221,7 @@ def open_cache(s: Setup, plan: Plan, observers, rank, timing: dict,
     if cfg.reference_cache is None:
         return None, {"status": "off"}
     with phase("hash"):
-        digest = s.digest.result() if s.digest is not None else \
-            checkpoint_digest(s.source, cfg.reference_cache / "checkpoint-digests.json")
+        digest = s.digest.result()  # (setup started it: the cache is on)
         tokens = tokens_digest(plan.windows.windows)
     if digest is None:
         say(f"reference cache not used: the files of {s.source} are not on this machine to hash")

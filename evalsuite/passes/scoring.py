@@ -19,7 +19,7 @@ from evalsuite.metrics import kernels
 from evalsuite.metrics.divergence import reference_tokens, token_divergence
 from evalsuite.metrics.registry import DIVERGENCE_FIELDS, TOKEN_FIELDS, stats_for
 from evalsuite.model.forward import Scorer, run_pass
-from evalsuite.model.head import VOCAB_PAD
+from evalsuite.model.head import VOCAB_PAD, pads_by_default
 from evalsuite.model.precision import Precision
 from evalsuite.phases import phase
 from evalsuite.store.windows import cut, scored_counts, unscored_of
@@ -134,8 +134,8 @@ def prewarm_kernels(device: torch.device, vocab: int | None, dtypes) -> threadin
                 torch.cuda.set_device(device)
             _variants(vocab, device, None)
             padded = -(-vocab // VOCAB_PAD) * VOCAB_PAD
-            for dtype in dict.fromkeys(dtypes):  # a 2-byte head is padded where V is not a multiple of 8 (head.py)
-                if dtype.itemsize == 2 and vocab % 8:  # its (2, Vpad)[:, :V] view
+            for dtype in dict.fromkeys(dtypes):
+                if pads_by_default(vocab, dtype.itemsize):  # a padded head's (2, Vpad)[:, :V] view
                     _variants(vocab, device, torch.zeros((2, padded), dtype=dtype, device=device)[:, :vocab])
                 else:
                     _variants(vocab, device, torch.zeros((2, vocab), dtype=dtype, device=device))
