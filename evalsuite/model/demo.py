@@ -88,18 +88,22 @@ def _one_gguf_reader():
     the 2-core CPU the three parses took about 80 of its 95 s. The reader is read-only (fields,
     tensor views), so one instance serves all three loads. It reads the file (about 250 MB) into
     an ordinary array instead of `np.memmap`: every slice of a memmap runs memmap's Python
-    `__getitem__` and `__array_finalize__`, which were most of the one parse left.
+    `__getitem__` and `__array_finalize__`, which were most of the one parse left; and it parses
+    each metadata array whole (model/gguf_read.py) instead of element by element.
     """
     import gguf
     import gguf.gguf_reader as reader_module
 
+    from evalsuite.model.gguf_read import fast_reader_class
+
     real, real_np = gguf.GGUFReader, reader_module.np
+    fast = fast_reader_class(real)  # metadata arrays parsed whole (gguf_read.py)
     readers: dict = {}
 
     def reader(path, *args, **kwargs):
         key = (str(path), args, tuple(sorted(kwargs.items())))
         if key not in readers:
-            readers[key] = real(path, *args, **kwargs)
+            readers[key] = fast(path, *args, **kwargs)
         return readers[key]
 
     gguf.GGUFReader = reader  # transformers imports it from gguf at each load

@@ -35,7 +35,13 @@ from evalsuite.phases import phase
 from evalsuite.store import corpus as corpus_mod
 from evalsuite.store import rolling
 from evalsuite.store.logits import BackgroundWriter
-from evalsuite.store.refcache import ReferenceCache, cache_fields, checkpoint_digest, tokens_digest
+from evalsuite.store.refcache import (
+    BACKGROUND_WORKERS,
+    ReferenceCache,
+    cache_fields,
+    checkpoint_digest,
+    tokens_digest,
+)
 from evalsuite.store.state import RunState, model_signature
 from evalsuite.store.windows import LM_EVAL
 
@@ -161,7 +167,8 @@ def _digest_meanwhile(cfg: RunConfig, source: str) -> Future | None:
     if cfg.reference_cache is None:
         return None
     pool = ThreadPoolExecutor(1, thread_name_prefix="evalsuite-hash")
-    future = pool.submit(checkpoint_digest, source, cfg.reference_cache / "checkpoint-digests.json")
+    future = pool.submit(checkpoint_digest, source, cfg.reference_cache / "checkpoint-digests.json",
+                         BACKGROUND_WORKERS)  # few threads: the main thread's imports share its GIL
     pool.shutdown(wait=False)
     return future
 

@@ -48,21 +48,29 @@ _ROWS_PER_DIGEST_CHUNK = 256
 # --- content hashes ----------------------------------------------------------------------------
 
 _PIECE = 256 * 2**20
+_READ = 16 * 2**20
+# Threads that hash a checkpoint in the background (runner._digest_meanwhile) while the main thread
+# imports and loads the tokenizer. All cores made that main thread's start-up slower than the hash
+# itself: in a cProfile of a cold 7B run on an H200 host (perf/profile_cold.sh) its 47k stat()
+# calls took 5.9 s against the plain script's 0.8 s, each waiting for the GIL behind 16 hashing
+# threads. Four keep a 13 GB shard's hash shorter than the start-up it hides behind.
+BACKGROUND_WORKERS = 4
 
 
 def _sha256_piece(path: Path, offset: int) -> bytes:
     h = hashlib.sha256()
-    with open(path, "rb") as fh:
+    buf = memoryview(bytearray(min(_READ, _PIECE)))  # one buffer a piece: no 16 MB allocation per read
+    with open(path, "rb", buffering=0) as fh:
         fh.seek(offset)
         left = _PIECE
-        while left and (chunk := fh.read(min(16 * 2**20, left))):
-            h.update(chunk)  # releases the GIL: pieces hash in parallel threads
-            left -= len(chunk)
+        while left and (n := fh.readinto(buf[: min(len(buf), left)])):
+            h.update(buf[:n])  # releases the GIL: pieces hash in parallel threads
+            left -= n
     return h.digest()
 
 
-def _sha256_file(path: Path) -> str:
-    """sha256 of the sha256s of the file's 256 MB pieces, hashed in parallel.
+def _sha256_file(path: Path, workers: int | None = None) -> str:
+    """sha256 of the sha256s of the file's 256 MB pieces, hashed in parallel (`workers` threads, default all cores).
 
     One sha256 stream runs at ~1 GB/s: 12 s for a 7B checkpoint's single 13 GB shard (measured
     on the benchmark machine). Pieces on all cores make it I/O-bound; any changed byte still
@@ -70,7 +78,7 @@ def _sha256_file(path: Path) -> str:
     """
     size = path.stat().st_size
     offsets = range(0, max(size, 1), _PIECE)
-    with ThreadPoolExecutor(max_workers=min(16, os.cpu_count() or 1)) as pool:
+    with ThreadPoolExecutor(max_workers=min(workers or 16, os.cpu_count() or 1)) as pool:
         pieces = list(pool.map(lambda o: _sha256_piece(path, o), offsets))
     return hashlib.sha256(b"".join(pieces) + str(size).encode()).hexdigest()
 
@@ -88,7 +96,7 @@ def checkpoint_files(source: str) -> Path | None:
         return None
 
 
-def checkpoint_digest(source: str, memo_file: Path | None = None) -> str | None:
+def checkpoint_digest(source: str, memo_file: Path | None = None, workers: int | None = None) -> str | None:
     """sha256 over the checkpoint's files (names and contents); None if they cannot be found.
 
     Per-file hashes are memoised in `memo_file` by (path, size, mtime_ns): an unchanged file is
@@ -115,7 +123,7 @@ def checkpoint_digest(source: str, memo_file: Path | None = None) -> str | None:
         else:
             todo.append((f, key, st))
     for f, key, st in todo:  # each file's pieces in parallel
-        digests[f] = _sha256_file(f)
+        digests[f] = _sha256_file(f, workers)
         memo[key] = [st.st_size, st.st_mtime_ns, digests[f]]
     if todo and memo_file is not None:
         try:

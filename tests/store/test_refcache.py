@@ -195,7 +195,7 @@ def test_checkpoint_digest_is_memoised_and_sees_changes(tiny_llama, tmp_path, mo
     memo = tmp_path / "memo.json"
     reads: list[str] = []
     real = refcache._sha256_file
-    monkeypatch.setattr(refcache, "_sha256_file", lambda p: reads.append(p.name) or real(p))
+    monkeypatch.setattr(refcache, "_sha256_file", lambda p, *a: reads.append(p.name) or real(p, *a))
     d1 = refcache.checkpoint_digest(str(model), memo)
     assert reads
     reads.clear()
@@ -234,6 +234,8 @@ def test_piecewise_file_hash_matches_an_independent_computation(tmp_path, monkey
     f.write_bytes(data)
     pieces = b"".join(hashlib.sha256(data[i:i + 1000]).digest() for i in range(0, 4500, 1000))
     assert refcache._sha256_file(f) == hashlib.sha256(pieces + b"4500").hexdigest()
+    monkeypatch.setattr(refcache, "_READ", 300)  # several reads into one buffer per piece, the last one short
+    assert refcache._sha256_file(f, workers=1) == hashlib.sha256(pieces + b"4500").hexdigest()
     f.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))  # one bit of the last byte
     assert refcache._sha256_file(f) != hashlib.sha256(pieces + b"4500").hexdigest()
 
