@@ -38,7 +38,7 @@ class RunConfig:
     seq_len: int = option(2048, CONTENT)
     max_tokens: int | None = option(numbers=CONTENT)
     # "stream" (store/corpus.py) or "lm-eval" (store/rolling.py): which tokens are scored, in which windows;
-    # the cache key holds it through the token windows' hash (refcache.tokens_digest)
+    # the cache key holds it through the token windows' hash (digests.tokens_digest)
     windowing: str = option("stream", CONTENT)
     batch_size: int | None = option(numbers=REFERENCE)  # None = automatic
     out_dir: Path = option(Path("reports/run"))

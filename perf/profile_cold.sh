@@ -23,7 +23,7 @@ import torch; mark("import torch")
 import evalsuite.passes.runner as runner; mark("import evalsuite runner")
 from pathlib import Path
 if sys.argv[2] == "1":
-    from evalsuite.store.refcache import checkpoint_digest
+    from evalsuite.store.digests import checkpoint_digest
     from concurrent.futures import ThreadPoolExecutor
     fut = ThreadPoolExecutor(1).submit(checkpoint_digest, sys.argv[1], None); mark("hash started")
 torch.cuda.init(); torch.zeros(1, device="cuda"); mark("cuda init")

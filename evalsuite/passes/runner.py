@@ -34,14 +34,9 @@ from evalsuite.passes.observers import Observer
 from evalsuite.phases import phase
 from evalsuite.store import corpus as corpus_mod
 from evalsuite.store import rolling
+from evalsuite.store.digests import BACKGROUND_WORKERS, checkpoint_digest, tokens_digest
 from evalsuite.store.logits import BackgroundWriter
-from evalsuite.store.refcache import (
-    BACKGROUND_WORKERS,
-    ReferenceCache,
-    cache_fields,
-    checkpoint_digest,
-    tokens_digest,
-)
+from evalsuite.store.refcache import ReferenceCache, cache_fields
 from evalsuite.store.state import RunState, model_signature
 from evalsuite.store.windows import LM_EVAL
 
@@ -161,7 +156,7 @@ def setup(cfg: RunConfig, source: str, dist, timing: dict) -> Setup:
 
 
 def _digest_meanwhile(cfg: RunConfig, source: str) -> Future | None:
-    """The checkpoint's digest (refcache.checkpoint_digest), hashed in a thread while the tokenizer
+    """The checkpoint's digest (digests.checkpoint_digest), hashed in a thread while the tokenizer
     loads and the corpus is tokenized: a first run on a 13 GB checkpoint hashed it for 1.1-1.3 s
     on an H200 host before anything else could start (later runs read the digest back by size and mtime)."""
     if cfg.reference_cache is None:

@@ -84,14 +84,20 @@ def warm_kernels(scorer: Scorer, role: str, prewarm: threading.Thread | None = N
     and the first run on a machine did it inside the first timed pass (6,257 instead of 310,188
     tokens/s on an H200, docs/performance.md). The probe is a real chunk of this scorer (ids
     (1, 3)), so the test logits' layout (a padded head's view included) is the pass's. The time
-    counts any wait for `prewarm_kernels`' thread."""
+    counts any wait for `prewarm_kernels`' thread: the reference waits only for its own variants
+    (`reference_ready`), so a small model's reference pass starts while the test variants compile
+    (the 0.5B shape waited 2.6 s for all of them on an H200); a test pass waits for the thread."""
     if not kernels.available(scorer.device) or scorer.device.type != "cuda":
         return 0.0
     import time
 
     t0 = time.perf_counter()
     if prewarm is not None:
-        prewarm.join()
+        ready = getattr(prewarm, "reference_ready", None)
+        if role == "reference" and ready is not None:
+            ready.wait()
+        else:
+            prewarm.join()
     if role == "reference":
         _variants(scorer.vocab_size, scorer.device, None)
     else:
@@ -121,9 +127,10 @@ def prewarm_kernels(device: torch.device, vocab: int | None, dtypes) -> threadin
     (1.2-1.9 s at the 7B shape on an H200, docs/performance.md), and nothing else needs the CPU
     while `from_pretrained` copies weights to the GPU. The variants (`_variants`): the reference
     against itself, and each logits dtype against it with the vocabulary's own row stride and with
-    a padded head's (a multiple of VOCAB_PAD). `warm_kernels` joins the thread before it times
-    its own probe, which then finds the kernel compiled where the guess was right and compiles
-    it where not: a wrong guess costs time, never a number.
+    a padded head's (a multiple of VOCAB_PAD). The reference's come first (`reference_ready`).
+    `warm_kernels` waits for them, or joins the thread for a test pass, before it times its own
+    probe, which then finds the kernel compiled where the guess was right and compiles it where
+    not: a wrong guess costs time, never a number.
     """
     if not vocab or device.type != "cuda" or not kernels.available(device):
         return None
@@ -133,6 +140,8 @@ def prewarm_kernels(device: torch.device, vocab: int | None, dtypes) -> threadin
             if device.index is not None:  # (torch.device("cuda") means the current device: no index to set)
                 torch.cuda.set_device(device)
             _variants(vocab, device, None)
+            torch.cuda.synchronize(device)
+            thread.reference_ready.set()  # the reference's variants: its pass may start
             padded = -(-vocab // VOCAB_PAD) * VOCAB_PAD
             for dtype in dict.fromkeys(dtypes):
                 if pads_by_default(vocab, dtype.itemsize):  # a padded head's (2, Vpad)[:, :V] view
@@ -142,9 +151,12 @@ def prewarm_kernels(device: torch.device, vocab: int | None, dtypes) -> threadin
             torch.cuda.synchronize(device)
         except Exception as exc:  # noqa: BLE001 - only a head start: warm_kernels compiles whatever is missing
             thread.error = exc
+        finally:
+            thread.reference_ready.set()
 
     thread = threading.Thread(target=work, name="evalsuite-prewarm", daemon=True)
     thread.error = None  # what stopped it early, if anything (tests, perf/kernel_variants.py)
+    thread.reference_ready = threading.Event()  # set once the reference's variants are compiled
     thread.start()
     return thread
 

@@ -30,135 +30,17 @@ import hashlib
 import json
 import os
 import shutil
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from evalsuite.store.digests import code_digest, logits_digest, sha256_file
 from evalsuite.store.logits import BackgroundWriter, read_logits, write_logits
 from evalsuite.store.results import atomic_write, atomic_write_text
 from evalsuite.store.state import pass_writer, read_pass
 
 FORMAT = 2  # 2: hidden states (N, H) and the FP32 head instead of logits (N, V) for split models
-_SKIP_SUFFIXES = (".md", ".lock")
-_ROWS_PER_DIGEST_CHUNK = 256
-
-
-# --- content hashes ----------------------------------------------------------------------------
-
-_PIECE = 256 * 2**20
-_READ = 16 * 2**20
-# Threads that hash a checkpoint in the background (runner._digest_meanwhile) while the main thread
-# imports and loads the tokenizer. All cores made that main thread's start-up slower than the hash
-# itself: in a cProfile of a cold 7B run on an H200 host (perf/profile_cold.sh) its 47k stat()
-# calls took 5.9 s against the plain script's 0.8 s, each waiting for the GIL behind 16 hashing
-# threads. Four keep a 13 GB shard's hash shorter than the start-up it hides behind.
-BACKGROUND_WORKERS = 4
-
-
-def _sha256_piece(path: Path, offset: int) -> bytes:
-    h = hashlib.sha256()
-    buf = memoryview(bytearray(min(_READ, _PIECE)))  # one buffer a piece: no 16 MB allocation per read
-    with open(path, "rb", buffering=0) as fh:
-        fh.seek(offset)
-        left = _PIECE
-        while left and (n := fh.readinto(buf[: min(len(buf), left)])):
-            h.update(buf[:n])  # releases the GIL: pieces hash in parallel threads
-            left -= n
-    return h.digest()
-
-
-def _sha256_file(path: Path, workers: int | None = None) -> str:
-    """sha256 of the sha256s of the file's 256 MB pieces, hashed in parallel (`workers` threads, default all cores).
-
-    One sha256 stream runs at ~1 GB/s: 12 s for a 7B checkpoint's single 13 GB shard (measured
-    on the benchmark machine). Pieces on all cores make it I/O-bound; any changed byte still
-    changes the digest.
-    """
-    size = path.stat().st_size
-    offsets = range(0, max(size, 1), _PIECE)
-    with ThreadPoolExecutor(max_workers=min(workers or 16, os.cpu_count() or 1)) as pool:
-        pieces = list(pool.map(lambda o: _sha256_piece(path, o), offsets))
-    return hashlib.sha256(b"".join(pieces) + str(size).encode()).hexdigest()
-
-
-def checkpoint_files(source: str) -> Path | None:
-    """The local directory of a checkpoint: the path itself, or a Hub id's cached snapshot."""
-    path = Path(source).expanduser()
-    if path.is_dir():
-        return path
-    try:
-        from huggingface_hub import snapshot_download
-
-        return Path(snapshot_download(repo_id=source, local_files_only=True))
-    except Exception:  # not cached locally (or not a Hub id): no content hash, no cache
-        return None
-
-
-def checkpoint_digest(source: str, memo_file: Path | None = None, workers: int | None = None) -> str | None:
-    """sha256 over the checkpoint's files (names and contents); None if they cannot be found.
-
-    Per-file hashes are memoised in `memo_file` by (path, size, mtime_ns): an unchanged file is
-    not read again, a rewritten one is.
-    """
-    root = checkpoint_files(source)
-    if root is None:
-        return None
-    files = sorted(p for p in root.rglob("*") if p.is_file() and not p.name.startswith(".")
-                   and not p.name.endswith(_SKIP_SUFFIXES))
-    memo: dict = {}
-    if memo_file is not None and memo_file.is_file():
-        try:
-            memo = json.loads(memo_file.read_text())
-        except ValueError:
-            memo = {}
-    todo, digests = [], {}
-    for f in files:
-        st = f.stat()
-        key = str(f.resolve())
-        known = memo.get(key)
-        if known and known[0] == st.st_size and known[1] == st.st_mtime_ns:
-            digests[f] = known[2]
-        else:
-            todo.append((f, key, st))
-    for f, key, st in todo:  # each file's pieces in parallel
-        digests[f] = _sha256_file(f, workers)
-        memo[key] = [st.st_size, st.st_mtime_ns, digests[f]]
-    if todo and memo_file is not None:
-        try:
-            memo_file.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(memo_file, json.dumps(memo))
-        except OSError:
-            pass  # the memo is an optimisation only
-    h = hashlib.sha256()
-    for f in files:
-        h.update(f"{f.relative_to(root).as_posix()}\0{digests[f]}\n".encode())
-    return h.hexdigest()
-
-
-def tokens_digest(windows: list[np.ndarray]) -> str:
-    """sha256 of the scored windows: token ids, window boundaries and (lm-eval windowing, windows.py)
-    the unscored leading targets of each window; a plain list's digest is what it always was."""
-    h = hashlib.sha256()
-    for w in windows:
-        h.update(np.int64(len(w)).tobytes())
-        h.update(np.ascontiguousarray(w, dtype=np.int64).tobytes())
-    unscored = getattr(windows, "unscored", None)
-    if unscored is not None:
-        h.update(b"unscored\0" + np.ascontiguousarray(unscored, dtype=np.int64).tobytes())
-    return h.hexdigest()
-
-
-def logits_digest(buffer: torch.Tensor) -> str:
-    """Order-sensitive digest of a float32 (N, V) tensor, computed where it lives (no host copy).
-
-    Per-row sums of the int32 bit patterns (exact integer arithmetic: the same on any device),
-    then sha256 of those N sums on the host.
-    """
-    bits = buffer.view(torch.int32)  # (N, V)
-    sums = torch.cat([chunk.sum(dim=1, dtype=torch.int64) for chunk in bits.split(_ROWS_PER_DIGEST_CHUNK)])
-    return hashlib.sha256(sums.cpu().numpy().tobytes()).hexdigest()
 
 
 # --- the cache ---------------------------------------------------------------------------------
@@ -221,7 +103,7 @@ class ReferenceCache:
         def write():
             path = self.dir / f"seg{segment}-reference.npz"
             atomic_write(path, write_arrays, durable=False)
-            manifest = {"arrays_sha256": _sha256_file(path), "arrays_bytes": path.stat().st_size,
+            manifest = {"arrays_sha256": sha256_file(path), "arrays_bytes": path.stat().st_size,
                         **self._pending.pop(segment, {})}
             atomic_write_text(self._seg(segment), json.dumps(manifest))
             self._evict()
@@ -240,7 +122,7 @@ class ReferenceCache:
     def load(self, segment: int, name: str = "reference") -> tuple[dict[str, np.ndarray], dict]:
         manifest = self._manifest(segment)
         path = self.dir / f"seg{segment}-reference.npz"
-        if not path.is_file() or _sha256_file(path) != manifest.get("arrays_sha256"):
+        if not path.is_file() or sha256_file(path) != manifest.get("arrays_sha256"):
             raise CacheCorrupt(f"{path.name} is missing or does not match its manifest")
         arrays, meta = read_pass(path)
         self.hit_segments.add(segment)
@@ -334,13 +216,3 @@ def cache_fields(base: dict, device: torch.device) -> dict:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     return {**base, "format": FORMAT, "evalsuite": evalsuite.__version__, "evalsuite_code": code_digest(),
             "torch": torch.__version__, "transformers": transformers.__version__, "device": name}
-
-
-def code_digest() -> str:
-    """sha256 of evalsuite's own source files: a changed computation (an edited checkout, a
-    development install) is another key, even where the version string stayed the same."""
-    root = Path(__file__).resolve().parents[1]  # the evalsuite package
-    h = hashlib.sha256()
-    for f in sorted(root.rglob("*.py")):
-        h.update(f.relative_to(root).as_posix().encode() + b"\0" + f.read_bytes() + b"\0")
-    return h.hexdigest()

@@ -37,6 +37,7 @@ def test_the_passes_find_their_kernel_compiled(tiny_llama, dtype, pad):
     device = torch.device("cuda", 0)
     vocab = vocab_size(str(tiny_llama))
     thread = prewarm_kernels(torch.device("cuda"), vocab, [dtype])  # as a run resolves --device cuda
+    assert thread.reference_ready.wait(timeout=600)  # the reference's variants come first
     thread.join()
     assert thread.error is None
     before = _variants(kernels._lanes_kernel, device)
@@ -47,3 +48,19 @@ def test_the_passes_find_their_kernel_compiled(tiny_llama, dtype, pad):
         assert (scorer.padded_head is not None) == (pad and p_dtype != torch.float32)
         warm_kernels(scorer, role)
     assert _variants(kernels._lanes_kernel, device) == before
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_a_failing_thread_still_lets_the_reference_start(monkeypatch):
+    """The reference waits on reference_ready: a thread that fails must set it, or the run would hang."""
+    from evalsuite.passes import scoring
+
+    def boom(*args):
+        raise RuntimeError("no compiler here")
+
+    monkeypatch.setattr(scoring, "_variants", boom)
+    thread = prewarm_kernels(torch.device("cuda", 0), 49953, [torch.float16])
+    assert thread.reference_ready.wait(timeout=60)
+    thread.join()
+    assert isinstance(thread.error, RuntimeError)

@@ -189,7 +189,7 @@ def test_progress_label_names_the_segment_of_a_multi_segment_run():
 def test_the_digest_hashed_meanwhile_is_the_one_open_cache_hashed_before(tiny_llama, tmp_path):
     """runner._digest_meanwhile hashes in a thread what open_cache hashed before the passes."""
     from evalsuite.passes import runner
-    from evalsuite.store.refcache import checkpoint_digest
+    from evalsuite.store.digests import checkpoint_digest
 
     assert runner._digest_meanwhile(run_config(tmp_path / "o2", reference_cache=None), str(tiny_llama)) is None
     cfg = run_config(tmp_path / "out", reference_cache=tmp_path / "cache")

@@ -189,56 +189,6 @@ def test_least_recently_used_entries_are_evicted(tiny_llama, tmp_path):
     assert len(left) == 1  # only the entry just written survives a cap smaller than any entry
 
 
-def test_checkpoint_digest_is_memoised_and_sees_changes(tiny_llama, tmp_path, monkeypatch):
-    model = tmp_path / "model"
-    shutil.copytree(tiny_llama, model)
-    memo = tmp_path / "memo.json"
-    reads: list[str] = []
-    real = refcache._sha256_file
-    monkeypatch.setattr(refcache, "_sha256_file", lambda p, *a: reads.append(p.name) or real(p, *a))
-    d1 = refcache.checkpoint_digest(str(model), memo)
-    assert reads
-    reads.clear()
-    assert refcache.checkpoint_digest(str(model), memo) == d1
-    assert reads == []  # unchanged files are not read again
-    (model / "config.json").write_text((model / "config.json").read_text() + " ")
-    d2 = refcache.checkpoint_digest(str(model), memo)
-    assert reads == ["config.json"] and d2 != d1
-    assert refcache.checkpoint_digest(str(tmp_path / "absent-model-id"), memo) is None
-
-
-def test_logits_digest_is_exact_and_order_sensitive():
-    gen = torch.Generator().manual_seed(7)
-    x = torch.randn(300, 97, generator=gen)
-    d = refcache.logits_digest(x)
-    assert refcache.logits_digest(x.clone()) == d
-    assert refcache.logits_digest(x.flip(0)) != d  # rows swapped
-    y = x.clone()
-    y.view(torch.int32)[123, 45] ^= 1  # one bit of one float
-    assert refcache.logits_digest(y) != d
-
-
-def test_tokens_digest_sees_window_boundaries():
-    a = [np.arange(5), np.arange(5, 10)]
-    b = [np.arange(4), np.arange(4, 10)]
-    assert refcache.tokens_digest(a) != refcache.tokens_digest(b)
-    assert refcache.tokens_digest(a) == refcache.tokens_digest([w.copy() for w in a])
-
-
-def test_piecewise_file_hash_matches_an_independent_computation(tmp_path, monkeypatch):
-    import hashlib
-
-    monkeypatch.setattr(refcache, "_PIECE", 1000)
-    data = np.random.default_rng(3).bytes(4500)  # 5 pieces, the last one short
-    f = tmp_path / "w.bin"
-    f.write_bytes(data)
-    pieces = b"".join(hashlib.sha256(data[i:i + 1000]).digest() for i in range(0, 4500, 1000))
-    assert refcache._sha256_file(f) == hashlib.sha256(pieces + b"4500").hexdigest()
-    monkeypatch.setattr(refcache, "_READ", 300)  # several reads into one buffer per piece, the last one short
-    assert refcache._sha256_file(f, workers=1) == hashlib.sha256(pieces + b"4500").hexdigest()
-    f.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))  # one bit of the last byte
-    assert refcache._sha256_file(f) != hashlib.sha256(pieces + b"4500").hexdigest()
-
 
 def test_logits_round_trip_in_small_chunks_and_truncation_is_caught(tmp_path, monkeypatch):
     monkeypatch.setattr(logits_io, "_IO_CHUNK_BYTES", 4 * 97 * 7)  # 7 rows per chunk: a ragged last chunk

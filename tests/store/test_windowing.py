@@ -26,7 +26,7 @@ from evalsuite.model.loading import load_tokenizer
 from evalsuite.model.precision import DTYPES
 from evalsuite.store import rolling
 from evalsuite.store.corpus import CorpusSpec, load_texts, tokenize
-from evalsuite.store.refcache import tokens_digest
+from evalsuite.store.digests import tokens_digest
 from evalsuite.store.windows import WindowList, scored_counts
 
 lm_eval_hf = pytest.importorskip("lm_eval.models.huggingface")
