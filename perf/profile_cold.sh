@@ -27,7 +27,8 @@ if sys.argv[2] == "1":
     from concurrent.futures import ThreadPoolExecutor
     fut = ThreadPoolExecutor(1).submit(checkpoint_digest, sys.argv[1], None); mark("hash started")
 torch.cuda.init(); torch.zeros(1, device="cuda"); mark("cuda init")
-from evalsuite.model.loading import max_positions, load_tokenizer
+from evalsuite.model.loading import load_tokenizer
+from evalsuite.model.source import max_positions
 max_positions(sys.argv[1]); mark("max_positions (config)")
 import transformers; mark("import transformers")
 from transformers import AutoTokenizer; mark("from transformers import AutoTokenizer")
