@@ -1,7 +1,7 @@
 """The embedded default model: Gemma 3 270M, shipped on PyPI as a 4-bit GGUF file.
 
 `evalsuite run` with no `--model` uses it so that the main job runs on a fresh machine with no
-Hub access. The GGUF is dequantised once (42-46 s on the 2-core CPU) and cached as an FP32
+Hub access. The GGUF is dequantised once (24-35 s on the 2-core CPU) and cached as an FP32
 safetensors checkpoint; later runs load the cache directly. Its FP32 "reference" is the
 dequantised model: right for comparing precisions, not for absolute quality claims.
 """
@@ -49,7 +49,7 @@ def demo_checkpoint() -> Path:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    say(f"converting the embedded model to FP32 once, into {target} (about a minute on a CPU; later runs "
+    say(f"converting the embedded model to FP32 once, into {target} (about half a minute on a CPU; later runs "
         "load it directly)")
     target.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(dir=target.parent, prefix=".convert-"))

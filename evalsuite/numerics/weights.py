@@ -71,47 +71,57 @@ def _count(mask: torch.Tensor) -> torch.Tensor:
     return torch.count_nonzero(mask).double()  # (mask.sum(dtype=float64) would copy the mask to float64)
 
 
-def _slice_stats(x: torch.Tensor, p: Precision, stored: Precision | None) -> torch.Tensor:
-    """Statistics vector (len(_FIELDS),) float64 of one flat slice `x` (float32) cast to `p`.
+def _slice_stats(x: torch.Tensor, ps: list[Precision], stored: Precision | None) -> torch.Tensor:
+    """Statistics (len(ps), len(_FIELDS)) float64 of one flat slice `x` (float32) cast to each of `ps`.
 
     Elementwise work stays in float32, where it is exact: the cast's result is an FP32 number,
     and round-to-nearest keeps a nonzero result within a factor 2 of x, so x - cast(x) is exact
     (Sterbenz); the ratio |x - cast(x)| / |x| then carries one FP32 rounding (2^-24 of itself).
     Sums accumulate in float64. Half the memory traffic of float64 temporaries, which is what
-    this costs on a CPU (it is memory-bound).
+    this costs on a CPU (it is memory-bound). What depends on x alone (|x|, its inf, zero and NaN
+    counts, its absmax) is computed once for all dtypes: a cast keeps NaN NaN, so the results'
+    NaNs are x's.
     """
-    y = x.to(p.dtype).float()
-    ay, ax = y.abs(), x.abs()  # (n,) each; compared with == inf below (isinf would take abs again)
+    ax = x.abs()  # (n,); compared with == inf below (isinf would take abs again)
     zero = x.new_zeros((), dtype=torch.float64)
-    y_zero = ay == 0
-    n_y_zero = _count(y_zero)
-    overflow = _count(ay == torch.inf) - _count(ax == torch.inf)  # an inf input stays inf
-    flushed = n_y_zero - _count(ax == 0)
-    subnormal = _count(ay < p.smallest_normal) - n_y_zero
-    # |y - x| / |x|: 1 where flushed (masked to 0), inf where overflowing, NaN for x = 0 or NaN (both -> 0)
-    rel = y.sub_(x).abs_().div_(ax).masked_fill_(y_zero, 0.0).nan_to_num_(0.0, 0.0, 0.0)
-    n_rel = x.numel() - n_y_zero - _count(ay == torch.inf) - _count(ay != ay)  # finite, nonzero results
-    changed = roundtrip = zero
-    if stored is not None and stored.dtype != p.dtype:  # checkpoint values are exact in `stored`
-        y = x.to(p.dtype)
-        changed = _count(y.float() != x) - _count(x != x)  # NaN != NaN: not a change
-        roundtrip = _count(y.to(stored.dtype).float() != x) - _count(x != x)
+    x_inf, x_zero, x_nan = _count(ax == torch.inf), _count(ax == 0), _count(x != x)
     absmax = torch.linalg.vector_norm(x, float("inf")).double() if x.numel() else zero
-    return torch.stack([x.new_full((), float(x.numel()), dtype=torch.float64), absmax, overflow, flushed, subnormal,
-                        rel.sum(dtype=torch.float64), rel.max().double() if rel.numel() else zero, n_rel,
-                        changed, roundtrip])
+    n = x.new_full((), float(x.numel()), dtype=torch.float64)
+    rows = []
+    for p in ps:
+        y = x.to(p.dtype).float()
+        ay = y.abs()
+        y_zero = ay == 0
+        n_y_zero, y_inf = _count(y_zero), _count(ay == torch.inf)
+        overflow = y_inf - x_inf  # an inf input stays inf
+        flushed = n_y_zero - x_zero
+        subnormal = _count(ay < p.smallest_normal) - n_y_zero
+        # |y - x| / |x|: 1 where flushed (masked to 0), inf where overflowing, NaN for x = 0 or NaN (both -> 0)
+        rel = y.sub_(x).abs_().div_(ax).masked_fill_(y_zero, 0.0).nan_to_num_(0.0, 0.0, 0.0)
+        n_rel = n - n_y_zero - y_inf - x_nan  # finite, nonzero results
+        changed = roundtrip = zero
+        if stored is not None and stored.dtype != p.dtype:  # checkpoint values are exact in `stored`
+            y = x.to(p.dtype)
+            changed = _count(y.float() != x) - x_nan  # NaN != NaN: not a change
+            roundtrip = _count(y.to(stored.dtype).float() != x) - x_nan
+        rows.append(torch.stack([n, absmax, overflow, flushed, subnormal, rel.sum(dtype=torch.float64),
+                                 rel.max().double() if rel.numel() else zero, n_rel, changed, roundtrip]))
+    return torch.stack(rows)
 
 
-def tensor_stats(x: torch.Tensor, p: Precision, stored: Precision | None) -> torch.Tensor:
-    """Statistics vector of a whole tensor, slice by slice (sums and maxima combined on the device)."""
+def tensor_stats(x: torch.Tensor, p: Precision | list[Precision], stored: Precision | None) -> torch.Tensor:
+    """Statistics of a whole tensor, slice by slice (sums and maxima combined on the device):
+    (len(_FIELDS),) for one precision, (len(p), len(_FIELDS)) for a list."""
+    ps = p if isinstance(p, list) else [p]
     flat = x.detach().reshape(-1).float()
     step = SLICE.get(flat.device.type, SLICE["cpu"])
-    parts = [_slice_stats(flat[i : i + step], p, stored) for i in range(0, max(flat.numel(), 1), step)]
-    total = torch.stack(parts).sum(0)
+    parts = torch.stack([_slice_stats(flat[i : i + step], ps, stored)
+                         for i in range(0, max(flat.numel(), 1), step)])  # (S, D, F)
+    total = parts.sum(0)  # (D, F)
     if len(parts) > 1:
         for k in ("absmax", "rel_err_max"):
-            total[_FIELDS.index(k)] = torch.stack(parts)[:, _FIELDS.index(k)].max()
-    return total
+            total[:, _FIELDS.index(k)] = parts[:, :, _FIELDS.index(k)].amax(0)
+    return total if isinstance(p, list) else total[0]
 
 
 def conversion_stats(model: torch.nn.Module, tests: list[Precision], stored: str | None
@@ -127,8 +137,8 @@ def conversion_stats(model: torch.nn.Module, tests: list[Precision], stored: str
     for k, (_, t) in enumerate(named):
         by_device.setdefault(t.device, []).append(k)
     with torch.no_grad():
-        stacks = [(ks, torch.stack([torch.stack([tensor_stats(named[k][1], p, store) for p in tests])
-                                    for k in ks])) for ks in by_device.values()]  # (P_d, D, F) each
+        stacks = [(ks, torch.stack([tensor_stats(named[k][1], list(tests), store) for k in ks]))
+                  for ks in by_device.values()]  # (P_d, D, F) each
     rows: list = [None] * len(named)
     for ks, vectors in stacks:
         for k, v in zip(ks, vectors.cpu().tolist(), strict=True):

@@ -76,6 +76,28 @@ def test_weight_stats_match_float64_numpy(p):
         assert overflow == 4 and flushed == 2  # 7e4, -1e5, 65520, 3.4e38; 1e-9 and 2.9e-8 (< 2^-25)
 
 
+def test_weight_stats_of_several_dtypes_at_once_match_float64_numpy():
+    """The dtypes share one read of each slice (|x|, its inf/zero/NaN counts): each row still equals
+    numpy's float64 recomputation, across slice boundaries, with inf and NaN inputs."""
+    n = SLICE["cpu"]
+    gen = np.random.default_rng(5)
+    x = gen.normal(0, 0.02, 2 * n + 9).astype(np.float32)
+    x[[3, n + 1, 2 * n + 2]] = [np.inf, np.nan, 7e4]
+    x[[5, n + 5]] = [1e-9, 0.0]
+    rows = tensor_stats(torch.from_numpy(x), [FP16, BF16], None).tolist()
+    assert len(rows) == 2
+    finite = x[np.isfinite(x)]
+    for p, (count, absmax, overflow, flushed, subnormal, rel_sum, rel_max, n_rel, *_) in zip((FP16, BF16), rows,
+                                                                                               strict=True):
+        want = _weights_float64(finite, p)  # NaN and inf inputs add to none of the counts
+        y = torch.from_numpy(finite).to(p.dtype).double().numpy()
+        assert count == x.size and np.isnan(absmax)  # a NaN input makes the absmax NaN, as for one dtype
+        assert n_rel == int((np.isfinite(y) & (y != 0)).sum())
+        assert (overflow, flushed, subnormal) == (want["overflow"], want["flushed_zero"], want["subnormal"])
+        assert rel_sum / n_rel == pytest.approx(want["rel_err_mean"], rel=1e-6)
+        assert rel_max == pytest.approx(want["rel_err_max"], rel=1e-6)
+
+
 def test_weight_stats_slices_combine():
     n = SLICE["cpu"]
     x = torch.randn(2 * n + 17, dtype=torch.float32)
