@@ -2,11 +2,8 @@
 # Where a rerun with a cached reference spends its time (7B shape): cProfile of the second run.
 #   bash perf/profile_cached.sh   (needs .gem/199801.txt and .gem/tok49953; writes $OUT/profile_cached.txt)
 set -u
-export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-M=/tmp/fresh-llama2-7b
-[ -f $M/config.json ] || python -c "import sys; sys.path.insert(0,'perf'); import baselines; baselines.build_random_model('llama2-7b', 49953, '$M', tokenizer_dir='.gem/tok49953')"
-sync
+source perf/common.sh
+build_7b
 export EVALSUITE_CACHE=/tmp/pc-cache
 args="run --model $M --corpus .gem/199801.txt --max-tokens 65536 --batch-size 4 --tasks none --no-progress --fresh"
 python -m evalsuite $args --out /tmp/pc-o1 2>&1 | tail -2

@@ -7,11 +7,8 @@
 #   profile_plain.txt              cProfile of perf/plain_loop.py on the same model and tokens
 #   bash perf/profile_cold.sh   (needs .gem/199801.txt and .gem/tok49953)
 set -u
-export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-M=/tmp/fresh-llama2-7b
-[ -f $M/config.json ] || python -c "import sys; sys.path.insert(0,'perf'); import baselines; baselines.build_random_model('llama2-7b', 49953, '$M', tokenizer_dir='.gem/tok49953')"
-sync
+source perf/common.sh
+build_7b
 python -X importtime -c "import torch; from transformers import AutoModelForCausalLM, AutoTokenizer" 2> "$OUT/imports_plain.txt"
 python -X importtime -c "import evalsuite.cli, evalsuite.passes.runner, evalsuite.passes.loop; from transformers import AutoModelForCausalLM, AutoTokenizer" 2> "$OUT/imports_evalsuite.txt"
 for hash in 0 1; do
