@@ -29,11 +29,11 @@ def reference_tokens(logits: torch.Tensor, targets: torch.Tensor) -> ReferenceTo
         target_logit = logits.gather(1, targets[:, None]).squeeze(1).double()
         return ReferenceTokens(nll=out[:, col["lse_test"]] - target_logit, argmax=out[:, col["argmax_test"]].long(),
                                nonfinite=out[:, col["nonfinite_test"]].long())
-    x = logits.double()  # (C, V) float64: the NLL sums to a perplexity over many tokens
-    lse = torch.logsumexp(x, dim=-1)  # (C,)
+    x = _float64_copy(logits)  # (C, V) float64: the NLL sums to a perplexity over many tokens
     target_logit = x.gather(1, targets[:, None]).squeeze(1)  # (C,)
-    nll = lse - target_logit
-    return ReferenceTokens(nll=nll, argmax=x.argmax(dim=-1), nonfinite=_nonfinite(x))
+    nonfinite = _nonfinite(x)
+    lse, argmax, _, _ = _lse_in_place(x)
+    return ReferenceTokens(nll=lse - target_logit, argmax=argmax, nonfinite=nonfinite)
 
 
 @dataclass(frozen=True)
@@ -72,23 +72,43 @@ def _nonfinite(x: torch.Tensor) -> torch.Tensor:
     return count
 
 
+def _float64_copy(x: torch.Tensor) -> torch.Tensor:
+    """x as a float64 tensor of its own (the caller's is never written: `.double()` of a float64 is itself)."""
+    return x.clone() if x.dtype == torch.float64 else x.double()
+
+
+def _lse_in_place(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(logsumexp (C,), argmax (C,), exp(x - max) (C, V), its row sums (C,)) of float64 x (C, V),
+    which becomes exp(x - max).
+
+    Why: one max-and-argmax pass and one exp pass. `torch.logsumexp` takes its own max, and a
+    softmax after it a second exp, so the unfused path did 3 exp and 5 max-like passes over
+    (C, V) float64 per token where this does 2 and 3: 3.3 -> 2.2 ms a token for Gemma 3's
+    262,144-entry vocabulary on the 2-core CPU (measured, docs/performance.md round 8). The
+    same float64 formula as logsumexp (max + log sum exp(x - max)); ties give the first index,
+    as `argmax`."""
+    m, idx = x.max(dim=-1)  # (C,) each
+    e = x.sub_(m[:, None]).exp_()  # (C, V) in place
+    total = e.sum(dim=-1)  # (C,)
+    return m + total.log(), idx, e, total
+
+
 def _cpu_divergence(ref_logits: torch.Tensor, test_logits: torch.Tensor, targets: torch.Tensor) -> TokenDivergence:
     """The unfused path, in float64 with three (C, V) temporaries (a CPU is memory-bound here).
 
     KL(ref || test) = sum_v p_ref(v) (ref_v - test_v) - lse_ref + lse_test, the same sum as
     sum_v p_ref (log p_ref - log p_test) with the log-softmaxes expanded (sum_v p_ref = 1): no
-    (C, V) log-softmax is materialised."""
-    ref = ref_logits.double()  # (C, V)
-    test = test_logits.double()  # (C, V)
-    argmax_ref, argmax_test = ref.argmax(dim=-1), test.argmax(dim=-1)
+    (C, V) log-softmax is materialised; p_ref is exp(ref - max) / its sum (`_lse_in_place`)."""
+    ref = _float64_copy(ref_logits)  # (C, V)
+    test = _float64_copy(test_logits)  # (C, V)
     nonfinite = _nonfinite(test)
-    lse_ref, lse_test = torch.logsumexp(ref, dim=-1), torch.logsumexp(test, dim=-1)  # (C,)
     ref_t = ref.gather(1, targets[:, None]).squeeze(1)  # (C,)
     test_t = test.gather(1, targets[:, None]).squeeze(1)
     diff = torch.sub(ref, test)  # (C, V)
     dlogit = torch.maximum(diff.amax(dim=-1), diff.amin(dim=-1).neg()).float()  # max_v |test - ref|
-    p_ref = ref.sub_(lse_ref[:, None]).exp_()  # (C, V) in place: ref is no longer needed
-    kl = p_ref.mul_(diff).sum(dim=-1) - lse_ref + lse_test  # (C,)
+    lse_test, argmax_test, _, _ = _lse_in_place(test)  # test is exp(test - max) from here
+    lse_ref, argmax_ref, e_ref, z_ref = _lse_in_place(ref)  # ref is exp(ref - max)
+    kl = e_ref.mul_(diff).sum(dim=-1) / z_ref - lse_ref + lse_test  # (C,)
     test_tokens = ReferenceTokens(nll=lse_test - test_t, argmax=argmax_test, nonfinite=nonfinite)
     bad = nonfinite > 0
     nan = float("nan")
