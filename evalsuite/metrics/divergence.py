@@ -81,12 +81,13 @@ def _lse_in_place(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Te
     """(logsumexp (C,), argmax (C,), exp(x - max) (C, V), its row sums (C,)) of float64 x (C, V),
     which becomes exp(x - max).
 
-    Why: one max-and-argmax pass and one exp pass. `torch.logsumexp` takes its own max, and a
-    softmax after it a second exp, so the unfused path did 3 exp and 5 max-like passes over
-    (C, V) float64 per token where this does 2 and 3: 3.3 -> 2.2 ms a token for Gemma 3's
-    262,144-entry vocabulary on the 2-core CPU (measured, docs/performance.md round 8). The
-    same float64 formula as logsumexp (max + log sum exp(x - max)); ties give the first index,
-    as `argmax`."""
+    Why: one max-and-argmax pass and one exp pass. `torch.logsumexp` takes its own max and a
+    softmax after it a second exp: the unfused path took 3 exp and 4 max or argmax passes over
+    (C, V) float64 a token, this one 2 and 2: 3.3 -> 3.0 ms a token for Gemma 3's 262,144-entry
+    vocabulary on the 2-core CPU. The same float64 formula as logsumexp (max + log sum
+    exp(x - max)); ties give the first index, as `argmax`. A row with an infinite logit gives
+    NaN, as the fused kernel's rows with non-finite inputs do: it is counted in `nonfinite`, and
+    every caller leaves such tokens out."""
     m, idx = x.max(dim=-1)  # (C,) each
     e = x.sub_(m[:, None]).exp_()  # (C, V) in place
     total = e.sum(dim=-1)  # (C,)
