@@ -109,10 +109,8 @@ def _slice_stats(x: torch.Tensor, ps: list[Precision], stored: Precision | None)
     return torch.stack(rows)
 
 
-def tensor_stats(x: torch.Tensor, p: Precision | list[Precision], stored: Precision | None) -> torch.Tensor:
-    """Statistics of a whole tensor, slice by slice (sums and maxima combined on the device):
-    (len(_FIELDS),) for one precision, (len(p), len(_FIELDS)) for a list."""
-    ps = p if isinstance(p, list) else [p]
+def tensor_stats(x: torch.Tensor, ps: list[Precision], stored: Precision | None) -> torch.Tensor:
+    """Statistics (len(ps), len(_FIELDS)) of a whole tensor, slice by slice (sums and maxima combined on the device)."""
     flat = x.detach().reshape(-1).float()
     step = SLICE.get(flat.device.type, SLICE["cpu"])
     parts = torch.stack([_slice_stats(flat[i : i + step], ps, stored)
@@ -121,7 +119,7 @@ def tensor_stats(x: torch.Tensor, p: Precision | list[Precision], stored: Precis
     if len(parts) > 1:
         for k in ("absmax", "rel_err_max"):
             total[:, _FIELDS.index(k)] = parts[:, :, _FIELDS.index(k)].amax(0)
-    return total if isinstance(p, list) else total[0]
+    return total
 
 
 def conversion_stats(model: torch.nn.Module, tests: list[Precision], stored: str | None

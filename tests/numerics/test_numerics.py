@@ -65,7 +65,7 @@ def test_weight_stats_match_float64_numpy(p):
     gen = np.random.default_rng(0)
     x = np.concatenate([gen.normal(0, 0.02, 5000), [7e4, -1e5, 65504, 65519, 65520, 1e-9, -3e-8, 2.9e-8, 1e-6,
                                                    6e-5, 0.0, 3.4e38]]).astype(np.float32)
-    v = tensor_stats(torch.from_numpy(x), p, None).tolist()
+    v = tensor_stats(torch.from_numpy(x), [p], None)[0].tolist()
     _, absmax, overflow, flushed, subnormal, rel_sum, rel_max, n_rel, *_ = v
     want = _weights_float64(x, p)
     assert (overflow, flushed, subnormal) == (want["overflow"], want["flushed_zero"], want["subnormal"])
@@ -102,8 +102,8 @@ def test_weight_stats_slices_combine():
     n = SLICE["cpu"]
     x = torch.randn(2 * n + 17, dtype=torch.float32)
     x[n + 3] = 1e5
-    whole = tensor_stats(x, FP16, None).tolist()
-    parts = [tensor_stats(x[i : i + n], FP16, None).tolist() for i in (0, n, 2 * n)]
+    whole = tensor_stats(x, [FP16], None)[0].tolist()
+    parts = [tensor_stats(x[i : i + n], [FP16], None)[0].tolist() for i in (0, n, 2 * n)]
     assert whole[0] == x.numel() and whole[1] == 1e5 and whole[2] == 1
     assert whole[6] == max(p[6] for p in parts) and whole[5] == pytest.approx(sum(p[5] for p in parts), rel=1e-12)
 
