@@ -83,7 +83,8 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, nargs="+", default=[49152, 196608])
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    from evalsuite.cli import build_parser, config_from_args
+    from evalsuite.cli_config import config_from_args
+    from evalsuite.cli_parser import build_parser
     from evalsuite.model.loading import load_tokenizer
     from evalsuite.passes.runner import run
     from evalsuite.store import corpus

@@ -61,7 +61,8 @@ class TimedObserver:
 
 
 def one_run(path: Path, text: Path, args, numerics: bool) -> dict:
-    from evalsuite.cli import build_parser, config_from_args
+    from evalsuite.cli_config import config_from_args
+    from evalsuite.cli_parser import build_parser
     from evalsuite.numerics.observer import NumericsObserver
     from evalsuite.passes.runner import run
 

@@ -43,7 +43,7 @@ def test_run_end_to_end(tiny_llama, tmp_path, capsys):
 def test_run_with_the_lm_eval_windowing(tiny_llama, tmp_path, capsys):
     """--windowing lm-eval end to end: per-document scoring recorded in results.json, per_token.npz and the
     report; it enters the resume fingerprint; a bad value is a usage error."""
-    from evalsuite.cli import config_from_args
+    from evalsuite.cli_config import config_from_args
     from evalsuite.cli_parser import build_parser
     from evalsuite.config import numeric_fields
 
