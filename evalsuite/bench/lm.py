@@ -39,7 +39,8 @@ from dataclasses import dataclass
 
 import torch
 
-from evalsuite.bench.positions import LastPositions, text_config
+from evalsuite.bench.positions import LastPositions
+from evalsuite.model.loading import text_config
 
 MAX_BATCH = 128  # rows per forward at most when the batch size is found automatically
 CPU_TOKENS = 4096  # padded tokens per forward on CPU (automatic size): more only costs memory there
@@ -161,7 +162,7 @@ def _holds_scores(cfg, model, device: torch.device) -> bool:
 
 
 def _costs(model, device: torch.device) -> _Costs:
-    cfg = text_config(model)
+    cfg = text_config(model.config)
     hidden = int(getattr(cfg, "hidden_size", 0) or 0)
     width = int(getattr(cfg, "intermediate_size", 0) or 4 * hidden)
     size = next(model.parameters()).element_size()

@@ -15,11 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from evalsuite.model.head import softcap
-
-
-def text_config(model):
-    config = model.config
-    return config.get_text_config() if hasattr(config, "get_text_config") else config
+from evalsuite.model.loading import text_config
 
 
 class LastPositions:
@@ -89,7 +85,7 @@ class _HeadSplit:
             return None
         if len({t.device for t in model.parameters()}) != 1:
             return None
-        split = _HeadSplit(decoder, head, getattr(text_config(model), "final_logit_softcapping", None) or None)
+        split = _HeadSplit(decoder, head, getattr(text_config(model.config), "final_logit_softcapping", None) or None)
         gen = torch.Generator().manual_seed(0)
         probe = torch.randint(0, head.weight.shape[0], (2, 12), generator=gen).to(head.weight.device)
         full = model(input_ids=probe, use_cache=False).logits  # (2, 12, V)

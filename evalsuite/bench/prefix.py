@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from evalsuite.model.loading import text_config
+
 
 @dataclass(frozen=True)
 class Prefix:
@@ -56,5 +58,5 @@ def embedding_rows(model) -> int:
     try:
         return int(model.get_input_embeddings().weight.shape[0])
     except (AttributeError, TypeError, NotImplementedError):
-        config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+        config = text_config(model.config)
         return int(getattr(config, "vocab_size", 0) or 0)

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from evalsuite.errors import EvalsuiteError
-from evalsuite.model.loading import model_part
+from evalsuite.model.loading import model_part, text_config
 
 TOP_K = 5  # reference log-probabilities kept per step
 CHECK_EVERY = 8  # steps between host reads of "has every row ended"
@@ -181,8 +181,7 @@ def teacher_forced(model, pairs: Sequence[tuple[Sequence[int], Sequence[int]]], 
     fwd = _Forward(model, device)
     out: list[np.ndarray] = [np.zeros(0)] * len(pairs)
     todo = sorted((i for i, (_, c) in enumerate(pairs) if len(c)), key=lambda i: len(pairs[i][0]) + len(pairs[i][1]))
-    vocab = int(model.config.get_text_config().vocab_size if hasattr(model.config, "get_text_config")
-                else model.config.vocab_size)
+    vocab = int(text_config(model.config).vocab_size)
     i = 0
     while i < len(todo):
         keep = max(len(pairs[j][1]) for j in todo[i : i + batch_size])

@@ -46,6 +46,11 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0][:300] if text else type(exc).__name__
 
 
+def text_config(config):
+    """The text model's part of a config (a multimodal one keeps it apart), else the config itself."""
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
 def _text_config(source: str, trust_remote_code: bool):
     """The checkpoint's (text) config, or None where it cannot be read: for hints only."""
     _quiet_transformers()
@@ -53,7 +58,7 @@ def _text_config(source: str, trust_remote_code: bool):
 
     try:
         config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
-        return config.get_text_config() if hasattr(config, "get_text_config") else config
+        return text_config(config)
     except Exception:  # noqa: BLE001 - load_model reports a bad config in its own words
         return None
 

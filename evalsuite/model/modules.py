@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from evalsuite.model.loading import model_part
+from evalsuite.model.loading import model_part, text_config
 
 _ATTN = re.compile(r"(^|_)(self_attn|attn|attention|self_attention)$")
 _MLP = re.compile(r"(^|_)(mlp|feed_forward|ffn|mlp_block)$")
@@ -29,7 +29,7 @@ class Watched:
 
 
 def _decoder_layers(model: torch.nn.Module) -> tuple[str, torch.nn.ModuleList] | None:
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    config = text_config(model.config)
     n = getattr(config, "num_hidden_layers", None)
     lists = [(name, m) for name, m in model.named_modules()
              if isinstance(m, torch.nn.ModuleList) and len(m) and len({type(c) for c in m}) == 1]
