@@ -92,10 +92,9 @@ def warm_kernels(scorer: Scorer, role: str, prewarm: threading.Thread | None = N
     import time
 
     t0 = time.perf_counter()
-    if prewarm is not None:
-        ready = getattr(prewarm, "reference_ready", None)
-        if role == "reference" and ready is not None:
-            ready.wait()
+    if prewarm is not None:  # a prewarm_kernels thread
+        if role == "reference":
+            prewarm.reference_ready.wait()
         else:
             prewarm.join()
     if role == "reference":
