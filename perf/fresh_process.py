@@ -8,7 +8,9 @@ What a user and a CI job measure: each command is a new Python process, timed fr
 (`subprocess` wall clock, imports and loads included), on the same card, same tokens and batch
 size, baselines in the same call. Order (`--only` picks some): the plain loop (the machine's first
 timed process: `plain_first`), evalsuite with an empty kernel cache and no reference cache
-(`evalsuite_cold_no_cache`, not in the default set), evalsuite with empty caches (a fresh
+(`evalsuite_cold_no_cache`, not in the default set), evalsuite with that run's compiled kernel but
+an empty reference cache (`evalsuite_writer_only`, not in the default set: the background cache
+write without the cold compile), evalsuite with empty caches (a fresh
 EVALSUITE_CACHE, so no reference cache and no compiled Triton kernel, and a fresh inductor cache),
 the plain loop, evalsuite again (warm: kernel cached, the reference read from the cache), the plain
 loop of the test dtypes alone (`plain_tests`: what a cached reference should be compared with),
@@ -116,6 +118,8 @@ def main() -> int:
     steps = [("plain_first", lambda: plain(model, args, env)),
              ("evalsuite_cold_no_cache",
               lambda: evalsuite_run(model, args, cold_env, work / "o0", ["--no-reference-cache"])),
+             ("evalsuite_writer_only",  # cold_no_cache's kernels (now compiled), an empty reference cache
+              lambda: evalsuite_run(model, args, cold_env, work / "o4", ["--reference-cache", str(work / "ref-w")])),
              ("evalsuite_cold", lambda: evalsuite_run(model, args, env, work / "o1", [])),
              ("plain", lambda: plain(model, args, env)),
              ("evalsuite_warm_cached", lambda: evalsuite_run(model, args, env, work / "o2", [])),
@@ -123,7 +127,7 @@ def main() -> int:
              ("evalsuite_warm_no_cache", lambda: evalsuite_run(model, args, env, work / "o3", ["--no-reference-cache"])),
              ("plain_again", lambda: plain(model, args, env))]
     for key, step in steps:
-        if (args.only and key not in args.only.split(",")) or (not args.only and key == "evalsuite_cold_no_cache"):
+        if (args.only and key not in args.only.split(",")) or (not args.only and key in ("evalsuite_cold_no_cache", "evalsuite_writer_only")):
             continue
         gpu = gpu_state()
         result["runs"][key] = entry = step()
@@ -133,7 +137,7 @@ def main() -> int:
     (args.out / f"fresh_{name}.json").write_text(json.dumps(result, indent=1))
     runs = result["runs"]
     base = runs.get("plain", {}).get("wall_s")
-    for key in ("evalsuite_cold_no_cache", "evalsuite_cold", "evalsuite_warm_cached", "evalsuite_warm_no_cache"):
+    for key in ("evalsuite_cold_no_cache", "evalsuite_writer_only", "evalsuite_cold", "evalsuite_warm_cached", "evalsuite_warm_no_cache"):
         if base and key in runs:
             print(f"{name} {key} / plain: {runs[key]['wall_s'] / base:.2f}x", flush=True)
     tests = runs.get("plain_tests", {}).get("wall_s")

@@ -212,6 +212,7 @@ def numeric_flags() -> dict[str, object]:
         flags["sdpa_flash"] = torch.backends.cuda.flash_sdp_enabled()
         flags["sdpa_mem_efficient"] = torch.backends.cuda.mem_efficient_sdp_enabled()
         flags["sdpa_math"] = torch.backends.cuda.math_sdp_enabled()
+        flags["sdpa_cudnn"] = torch.backends.cuda.cudnn_sdp_enabled()
     return flags
 
 

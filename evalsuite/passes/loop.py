@@ -33,6 +33,7 @@ from evalsuite.model.kept import KeptReference
 from evalsuite.model.loading import load_model, placement, unload, vocab_size
 from evalsuite.model.precision import Precision, exact_fp32, pass_flags
 from evalsuite.passes import reference
+from evalsuite.passes.attention import AttentionWarm
 from evalsuite.passes.reference import segments_of
 from evalsuite.passes.scoring import (
     PassContext,
@@ -93,6 +94,7 @@ class Loop:
     def __init__(self, plan: Plan, stores: Stores, observers: tuple, collect_snapshots: bool = False):
         self.cfg, self.source, self.device, self.tokenizer = plan.cfg, plan.source, plan.device, plan.tokenizer
         self.prewarm = None  # scoring.prewarm_kernels: a thread compiling the kernel while the reference loads
+        self.attention = AttentionWarm(plan.device, [p.dtype for p in plan.tests])  # cuDNN's builds, off the test passes
         self.windows, self.tests, self.observers = plan.windows, plan.tests, observers
         self.state, self.cache, self.writer = stores.state, stores.cache, stores.writer
         self.noise_tokens = plan.noise_tokens
@@ -248,8 +250,10 @@ class Loop:
             ctx = self.ctx(cfg.reference, "reference", model, seg)
             staged = staging(seg_tokens, self.device, divergence=False)
             before = self.ref.timing["pass_s"]
-            self.batch = timed_pass(ctx, scorer, seg_windows, reference.on_chunk(scorer, kept, staged), staged,
-                                    self.ref, self.observers, pass_label(f"{ref_name} (reference)", seg, self.segments))
+            with self.attention.recording():
+                self.batch = timed_pass(ctx, scorer, seg_windows, reference.on_chunk(scorer, kept, staged), staged,
+                                        self.ref, (*self.observers, self.attention),
+                                        pass_label(f"{ref_name} (reference)", seg, self.segments))
             scorer.hidden_out = False
             if self.prov.reference_head_us is None:
                 self.prov.reference_head_us = reference.measure_head(self, kept)
@@ -293,12 +297,13 @@ class Loop:
         staged = staging(len(buffer), self.device, divergence=True)
         before = test.timing["pass_s"]
         try:
-            timed_pass(ctx, scorer, seg_windows, partial(compare, buffer, staged), staged, test, self.observers,
-                       pass_label(p.name, seg, self.segments))
+            timed_pass(ctx, scorer, seg_windows, partial(compare, buffer, staged), staged, test,
+                       (*self.observers, self.attention), pass_label(p.name, seg, self.segments))
         except EvalsuiteError as exc:  # e.g. out of memory even at batch size 1: the others go on
             self.failed[p.name] = str(exc)
             say(f"{p.name} failed: {exc}; the other dtypes go on")
         else:
+            self.prov.attention_warm = self.attention.provenance()
             meta = {"timing": _timing(test, load_s, before), "batch_size": test.batch_size,
                     "observers": self._snapshots(ctx)}
             if scorer.compiled:

@@ -41,6 +41,7 @@ class Provenance:
     attn_implementation: str | None = None
     placement: dict | None = None  # --device-map: modules per device
     padded_head: dict = field(default_factory=dict)  # precision -> whether its head ran zero-padded
+    attention_warm: dict | None = None  # CUDA: the reference's attention calls replayed per 2-byte dtype (passes/attention.py)
     compiled: dict | None = None  # --compile: backend, settings, modules and seconds per precision
     cpu_half_gemm: dict = field(default_factory=dict)  # precision -> Linears run as FP32 GEMMs on a CPU (model/cpu.py)
     cpu_allocator: str | None = None  # "glibc thresholds raised" where model/cpu.tune_allocator applied
