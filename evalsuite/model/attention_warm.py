@@ -100,14 +100,17 @@ def recording(calls: dict[Call, None]):
         F.scaled_dot_product_attention = original
 
 
+def warmed(dtypes) -> tuple[torch.dtype, ...]:
+    """The dtypes a replay is for, each once: the 2-byte ones (FP32 attention is not cuDNN's)."""
+    return tuple(d for d in dict.fromkeys(dtypes) if d.itemsize == 2)
+
+
 def replay(calls, dtypes, device: torch.device) -> int:
-    """Make each recorded call in each dtype (2-byte dtypes only: FP32 attention is not cuDNN's);
-    returns how many ran. A call that fails is skipped: the pass itself will say what is wrong."""
+    """Make each recorded call in each of the `warmed` dtypes; returns how many ran. A call that
+    fails is skipped: the pass itself will say what is wrong."""
     done = 0
     with torch.no_grad():
-        for dtype in dict.fromkeys(dtypes):
-            if dtype.itemsize != 2:
-                continue
+        for dtype in warmed(dtypes):
             for call in calls:
                 try:
                     call.replay(dtype, device)

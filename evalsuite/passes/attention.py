@@ -22,7 +22,7 @@ import time
 
 import torch
 
-from evalsuite.model.attention_warm import Call, recording, replay
+from evalsuite.model.attention_warm import Call, recording, replay, warmed
 
 
 class AttentionWarm:
@@ -34,7 +34,7 @@ class AttentionWarm:
     def __init__(self, device: torch.device, dtypes):
         self.on = device.type == "cuda"
         self.device = device
-        self.dtypes = tuple(d for d in dict.fromkeys(dtypes) if d.itemsize == 2)
+        self.dtypes = warmed(dtypes)
         self.calls: dict[Call, None] = {}
         self.done: set[tuple[Call, torch.dtype]] = set()
         self.seconds: dict[str, float] = {}  # str(dtype) -> replay seconds
