@@ -31,6 +31,7 @@ from evalsuite.passes import distributed, repair
 from evalsuite.passes.generate import generate
 from evalsuite.passes.loop import Loop, Plan, Stores
 from evalsuite.passes.observers import Observer
+from evalsuite.passes.scoring import observer_part
 from evalsuite.phases import phase
 from evalsuite.store import corpus as corpus_mod
 from evalsuite.store import rolling
@@ -320,8 +321,3 @@ class RunOutput:
     per_token: dict
     files: dict[str, str]  # file name in --out -> UTF-8 text (e.g. benchmarks.jsonl)
     failures: tuple[dict, ...]
-
-
-def observer_part(obs) -> str:
-    """The part of a run an observer measures, as failures name it ("benchmarks", "numerics")."""
-    return getattr(obs, "part", None) or type(obs).__name__.removesuffix("Observer").lower() or "observer"

@@ -164,8 +164,13 @@ def notify(observers, method: str, *args):
     for obs in observers:
         fn = getattr(obs, method, None)
         if fn is not None:
-            with phase(getattr(obs, "part", "observers")):  # "numerics", "benchmarks"
+            with phase(observer_part(obs)):  # "numerics", "benchmarks"
                 fn(*args)
+
+
+def observer_part(obs) -> str:
+    """The part of a run an observer measures, as its phase and its failures are named ("benchmarks", "numerics")."""
+    return getattr(obs, "part", None) or type(obs).__name__.removesuffix("Observer").lower() or "observer"
 
 
 def restore_observers(observers, ctx: PassContext, snapshots: list) -> None:
