@@ -32,6 +32,7 @@ from evalsuite.model.loading import unload
 from evalsuite.model.precision import exact_fp32, pass_flags
 from evalsuite.numerics import repair as search
 from evalsuite.passes.scoring import PassContext, TokenArrays, compare, keep_reference, staging, timed_pass
+from evalsuite.phases import phase
 from evalsuite.store.windows import cut, scored_counts
 
 REPAIR_SEGMENT = -1  # a repair pass belongs to no segment: observers keep no per-segment sample for it
@@ -122,8 +123,9 @@ def _reference(loop, windows, n: int) -> tuple[torch.Tensor, TokenArrays]:
     """The reference's float32 logits (n, V) over the repair windows and its per-token arrays (no observers)."""
     model, _ = loop._load(loop.cfg.reference)
     with exact_fp32():
-        scorer = Scorer(model, loop.device)
-        scorer.freeze_head()  # its logits computed as the main reference's (passes/reference.py)
+        with phase("load"):  # the split's probe and the frozen head, as the main passes count them
+            scorer = Scorer(model, loop.device)
+            scorer.freeze_head()  # its logits computed as the main reference's (passes/reference.py)
         buffer = torch.empty((n, scorer.vocab_size), dtype=torch.float32, device=loop.device)
         arrays = TokenArrays.empty(n, divergence=False)
         staged = staging(n, loop.device, divergence=False)
@@ -148,7 +150,8 @@ def _measure(loop, q, *, windows, n: int, buffer, ref: TokenArrays, watch, findi
         except Exception as exc:  # a candidate that cannot be built here (e.g. a pattern matching nothing)
             return search.Outcome(q, {"n_tokens": n, "error": str(exc)}, {"module": None, "error": str(exc)}, None)
         fp32 = sum(t.numel() for t in model.parameters() if t.dtype == torch.float32)
-        scorer = Scorer(model, loop.device)
+        with phase("load"):
+            scorer = Scorer(model, loop.device)
         staged = staging(n, loop.device, divergence=True)
         timed_pass(_ctx(loop, probe, "test", model, loop.batch), scorer, windows, partial(compare, buffer, staged),
                    staged, arrays, watch, f"repair: {q.name}")
