@@ -11,8 +11,8 @@ still queued on the GPU, the recorded calls are replayed in each 2-byte test dty
 build runs while the GPU is busy anyway. A test pass starting replays whatever was recorded
 after that (a last, shorter batch; a batch size halved on out-of-memory), before its clock starts.
 The seconds go to the `compile` phase (nested in `reference_pass` for the replay at its second
-batch) and, per dtype, to provenance `attention_warm`. Only on CUDA; a cached reference runs no pass to record from, and then
-nothing is replayed.
+batch) and, per dtype, to provenance `attention_warm`. Only on CUDA; a cached reference runs no
+pass to record from, and then nothing is replayed.
 """
 
 from __future__ import annotations
@@ -69,9 +69,7 @@ class AttentionWarm:
         if not todo or dtype not in self.dtypes:
             return
         t0 = time.perf_counter()
-        replay(
-            todo, [dtype], self.device
-        )  # (recorded again during the reference pass: the same Calls, no new keys)
+        replay(todo, [dtype], self.device)  # (inside the reference pass: recorded again, same keys)
         self.done.update((c, dtype) for c in todo)
         key = str(dtype).removeprefix("torch.")
         self.seconds[key] = round(self.seconds.get(key, 0.0) + time.perf_counter() - t0, 4)
