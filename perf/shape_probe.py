@@ -11,19 +11,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from functools import partial
 
 import torch
+from jit_probe import sync_time as timed  # (perf/ is this script's import path)
 from transformers import AutoModelForCausalLM
-
-
-def timed(fn) -> float:
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    fn()
-    torch.cuda.synchronize()
-    return time.perf_counter() - t0
 
 
 def main() -> None:
