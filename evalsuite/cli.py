@@ -29,7 +29,7 @@ from evalsuite.errors import (
     UsageError,
 )
 from evalsuite.phases import Phases, active, phase, process_started
-from evalsuite.startup import bytecode_cache
+from evalsuite.startup import bytecode_cache, leave
 
 
 def _check_writable(out_dir: Path) -> None:
@@ -282,4 +282,4 @@ def _one_line(exc: Exception) -> str:
 def console_main() -> None:
     started = process_started()  # the run's clock starts with the process: imports count
     bytecode_cache(cache_root())  # before torch is imported (startup.py)
-    sys.exit(main(started=started))
+    leave(main(started=started))  # not sys.exit: startup.leave says why
