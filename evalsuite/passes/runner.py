@@ -157,14 +157,15 @@ def setup(cfg: RunConfig, source: str, dist, timing: dict) -> Setup:
 
 
 def _digest_meanwhile(cfg: RunConfig, source: str) -> Future | None:
-    """The checkpoint's digest (digests.checkpoint_digest), hashed in a thread while the tokenizer
-    loads and the corpus is tokenized: a first run on a 13 GB checkpoint hashed it for 1.1-1.3 s
-    on an H200 host before anything else could start (later runs read the digest back by size and mtime)."""
+    """The checkpoint's digest (digests.checkpoint_digest), hashed while the tokenizer loads and the
+    corpus is tokenized: a first run on a 13 GB checkpoint hashed it for 1.1-1.3 s on an H200 host
+    before anything else could start (later runs read the digest back by size and mtime). The
+    thread only waits: a child process reads and hashes (store/filehash.py says why)."""
     if cfg.reference_cache is None:
         return None
     pool = ThreadPoolExecutor(1, thread_name_prefix="evalsuite-hash")
     future = pool.submit(checkpoint_digest, source, cfg.reference_cache / "checkpoint-digests.json",
-                         BACKGROUND_WORKERS)  # few threads: the main thread's imports share its GIL
+                         BACKGROUND_WORKERS, in_child=True)
     pool.shutdown(wait=False)
     return future
 

@@ -2,7 +2,7 @@
 what verifies its files (the kept hidden states, logits and head, hashed where they sit).
 
 Split from store/refcache.py, which uses them; runner._digest_meanwhile hashes the checkpoint
-with them in a background thread while the tokenizer loads.
+with them while the tokenizer loads (a background thread that waits on a child process).
 """
 
 from __future__ import annotations
@@ -10,50 +10,45 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from concurrent.futures import ThreadPoolExecutor
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from evalsuite.store import filehash
 from evalsuite.store.results import atomic_write_text
 
 _SKIP_SUFFIXES = (".md", ".lock")
 _ROWS_PER_DIGEST_CHUNK = 256
-_PIECE = 256 * 2**20
-_READ = 16 * 2**20
-# Threads that hash a checkpoint in the background (runner._digest_meanwhile) while the main thread
-# imports and loads the tokenizer. All cores made that main thread's start-up slower than the hash
-# itself: in a cProfile of a cold 7B run on an H200 host (perf/profile_cold.sh) its 47k stat()
-# calls took 5.9 s against the plain script's 0.8 s, each waiting for the GIL behind 16 hashing
-# threads. Four keep a 13 GB shard's hash shorter than the start-up it hides behind.
-BACKGROUND_WORKERS = 4
-
-
-def _sha256_piece(path: Path, offset: int) -> bytes:
-    h = hashlib.sha256()
-    buf = memoryview(bytearray(min(_READ, _PIECE)))  # one buffer a piece: no 16 MB allocation per read
-    with open(path, "rb", buffering=0) as fh:
-        fh.seek(offset)
-        left = _PIECE
-        while left and (n := fh.readinto(buf[: min(len(buf), left)])):
-            h.update(buf[:n])  # releases the GIL: pieces hash in parallel threads
-            left -= n
-    return h.digest()
+# Threads that hash a checkpoint in the background (runner._digest_meanwhile) while the run starts
+# up: all but one core, at most four (a 13 GB shard's hash stays shorter than the start-up it
+# hides behind). They run in a child process (filehash.py says why); in-process threads had made
+# the main thread's start-up slower than the hash itself (perf/profile_cold.sh, round 8: its 47k
+# stat() calls took 5.9 s against the plain script's 0.8 s, waiting for the GIL behind 16 threads).
+BACKGROUND_WORKERS = max(1, min(4, (os.cpu_count() or 1) - 1))
 
 
 def sha256_file(path: Path, workers: int | None = None) -> str:
-    """sha256 of the sha256s of the file's 256 MB pieces, hashed in parallel (`workers` threads, default all cores).
+    """filehash.sha256_file in this process (a cache file's check, a child that could not start)."""
+    return filehash.sha256_file(path, workers)
 
-    One sha256 stream runs at ~1 GB/s: 12 s for a 7B checkpoint's single 13 GB shard (measured
-    on the benchmark machine). Pieces on all cores make it I/O-bound; any changed byte still
-    changes the digest.
-    """
-    size = path.stat().st_size
-    offsets = range(0, max(size, 1), _PIECE)
-    with ThreadPoolExecutor(max_workers=min(workers or 16, os.cpu_count() or 1)) as pool:
-        pieces = list(pool.map(lambda o: _sha256_piece(path, o), offsets))
-    return hashlib.sha256(b"".join(pieces) + str(size).encode()).hexdigest()
+
+def _hash_in_child(paths: list[Path], workers: int | None) -> list[str]:
+    """sha256_file of each path, computed by a child interpreter running filehash.py (standard
+    library only: -I -S, no site-packages, nothing of this process's imports). Where the child
+    cannot run or answers anything else, the same digests are computed here: only slower."""
+    cmd = [sys.executable, "-I", "-S", filehash.__file__, *(["--workers", str(workers)] if workers else []),
+           *map(str, paths)]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=False, stdin=subprocess.DEVNULL)
+        lines = proc.stdout.split()
+        if proc.returncode == 0 and len(lines) == len(paths) and all(len(x) == 64 for x in lines):
+            return lines
+    except OSError:
+        pass
+    return [sha256_file(p, workers) for p in paths]
 
 
 def checkpoint_files(source: str) -> Path | None:
@@ -69,11 +64,13 @@ def checkpoint_files(source: str) -> Path | None:
         return None
 
 
-def checkpoint_digest(source: str, memo_file: Path | None = None, workers: int | None = None) -> str | None:
+def checkpoint_digest(source: str, memo_file: Path | None = None, workers: int | None = None,
+                      in_child: bool = False) -> str | None:
     """sha256 over the checkpoint's files (names and contents); None if they cannot be found.
 
     Per-file hashes are memoised in `memo_file` by (path, size, mtime_ns): an unchanged file is
-    not read again, a rewritten one is.
+    not read again, a rewritten one is. `in_child`: the files to read are hashed by a child
+    process (_hash_in_child), for a caller that goes on working meanwhile.
     """
     root = checkpoint_files(source)
     if root is None:
@@ -95,9 +92,11 @@ def checkpoint_digest(source: str, memo_file: Path | None = None, workers: int |
             digests[f] = known[2]
         else:
             todo.append((f, key, st))
-    for f, key, st in todo:  # each file's pieces in parallel
-        digests[f] = sha256_file(f, workers)
-        memo[key] = [st.st_size, st.st_mtime_ns, digests[f]]
+    paths = [f for f, _, _ in todo]
+    hashed = _hash_in_child(paths, workers) if in_child and paths else [sha256_file(f, workers) for f in paths]
+    for (f, key, st), digest in zip(todo, hashed, strict=True):
+        digests[f] = digest
+        memo[key] = [st.st_size, st.st_mtime_ns, digest]
     if todo and memo_file is not None:
         try:
             memo_file.parent.mkdir(parents=True, exist_ok=True)

@@ -44,18 +44,3 @@ def test_tokens_digest_sees_window_boundaries():
     b = [np.arange(4), np.arange(4, 10)]
     assert digests.tokens_digest(a) != digests.tokens_digest(b)
     assert digests.tokens_digest(a) == digests.tokens_digest([w.copy() for w in a])
-
-
-def test_piecewise_file_hash_matches_an_independent_computation(tmp_path, monkeypatch):
-    import hashlib
-
-    monkeypatch.setattr(digests, "_PIECE", 1000)
-    data = np.random.default_rng(3).bytes(4500)  # 5 pieces, the last one short
-    f = tmp_path / "w.bin"
-    f.write_bytes(data)
-    pieces = b"".join(hashlib.sha256(data[i:i + 1000]).digest() for i in range(0, 4500, 1000))
-    assert digests.sha256_file(f) == hashlib.sha256(pieces + b"4500").hexdigest()
-    monkeypatch.setattr(digests, "_READ", 300)  # several reads into one buffer per piece, the last one short
-    assert digests.sha256_file(f, workers=1) == hashlib.sha256(pieces + b"4500").hexdigest()
-    f.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))  # one bit of the last byte
-    assert digests.sha256_file(f) != hashlib.sha256(pieces + b"4500").hexdigest()
