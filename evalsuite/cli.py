@@ -166,6 +166,7 @@ def _gate_run(args: argparse.Namespace, cfg, gate_set, results) -> int:
 
 def _load_gates(args: argparse.Namespace, dtype_names: list[str] | None = None):
     """Parse the gate file and baseline before any model loads: a typo must not cost a GPU run."""
+    from evalsuite.gates import gatefile
     from evalsuite.gates import rules as gates
 
     if args.gate is None:
@@ -173,19 +174,19 @@ def _load_gates(args: argparse.Namespace, dtype_names: list[str] | None = None):
         if given:
             raise UsageError(f"--{given[0].replace('_', '-')} needs --gate FILE (or --gate default)")
         return None
-    gate_set = gates.load(args.gate, args.baseline)
+    gate_set = gatefile.load(args.gate, args.baseline)
     if dtype_names is not None:
         gates.check_dtypes(gate_set, dtype_names)
     return gate_set
 
 
 def cmd_gate(args: argparse.Namespace) -> int:
-    from evalsuite.gates import ci
+    from evalsuite.gates import ci, gatefile
     from evalsuite.gates import rules as gates
     from evalsuite.store.results import load_results
 
-    gate_set = gates.load_or_default(args.gate, args.baseline)
-    results = load_results(gates.results_path(args.results))
+    gate_set = gatefile.load_or_default(args.gate, args.baseline)
+    results = load_results(gatefile.results_path(args.results))
     outcomes = gates.evaluate(gate_set, results)
     ci.report(gate_set, outcomes, results, args.junit, args.summary_md)
     return gates.exit_code(outcomes)

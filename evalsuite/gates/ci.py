@@ -16,8 +16,9 @@ from pathlib import Path
 
 from evalsuite.errors import UsageError
 from evalsuite.fmt import fmt
+from evalsuite.gates.gatefile import GateSet
 from evalsuite.gates.measurable import missing
-from evalsuite.gates.rules import GateSet, Outcome, counts, passed
+from evalsuite.gates.rules import Outcome, counts, passed
 from evalsuite.store.results import Scalar
 
 

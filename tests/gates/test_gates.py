@@ -16,7 +16,7 @@ import pytest
 
 from evalsuite.cli import main
 from evalsuite.errors import UsageError
-from evalsuite.gates import ci
+from evalsuite.gates import ci, gatefile
 from evalsuite.gates import rules as gates
 from evalsuite.store.results import DtypeResult, RunResults, load_results, write_results
 
@@ -74,7 +74,7 @@ def good(tmp_path) -> Path:
     ("== baseline", "==", None, ""), ("> -2", ">", -2, None),
 ])
 def test_parse_expr(text, op, operand, baseline):
-    g = gates.parse_expr("m", text)
+    g = gatefile.parse_expr("m", text)
     assert (g.op, g.operand, g.baseline) == (op, operand, baseline)
 
 
@@ -89,13 +89,13 @@ def test_parse_expr(text, op, operand, baseline):
 ])
 def test_parse_expr_errors(text, message):
     with pytest.raises(UsageError, match=message.replace("(", r"\(").replace(")", r"\)")):
-        gates.parse_expr("kl_mean", text)
+        gatefile.parse_expr("kl_mean", text)
 
 
 def test_parse_tables_lines_and_lists():
     text = ('# comment\n[gates]\nkl_mean = "<= 0.01"\nppl_ratio = ["<= 1.01", ">= 0.99"]\n\n'
             '[gates.fp16]\n"acc/cmmlu" = ">= baseline - 0.01"\n')
-    parsed = gates.parse(text, "g.toml")
+    parsed = gatefile.parse(text, "g.toml")
     assert [(g.dtype, g.text, g.where) for g in parsed] == [
         (None, "kl_mean <= 0.01", "g.toml line 3"), (None, "ppl_ratio <= 1.01", "g.toml line 4"),
         (None, "ppl_ratio >= 0.99", "g.toml line 4"), ("fp16", "acc/cmmlu >= baseline - 0.01", "g.toml line 7")]
@@ -173,7 +173,7 @@ def test_nan_never_passes(tmp_path, capsys, op):
 def test_non_finite_in_memory_fails(value):
     """`run --gate` evaluates the in-memory results, where NaN/inf have not yet become null."""
     results = RunResults({}, {}, {}, {}, "fp32", {"fp16": DtypeResult("fp16", "test", "ok", None, {"ppl": value})})
-    gs = gates.GateSet("g", gates.parse('[gates]\nppl = ">= 0"\n'))
+    gs = gatefile.GateSet("g", gatefile.parse('[gates]\nppl = ">= 0"\n'))
     (o,) = gates.evaluate(gs, results)
     assert o.status == "fail" and ci.show(o.value) == "NaN"
 
@@ -289,7 +289,7 @@ def test_default_gates_on_real_gemma_results(capsys):
 
 
 def test_default_gates_only_use_metrics_that_exist_today():
-    parsed = gates.load("default").gates
+    parsed = gatefile.load("default").gates
     assert {g.metric for g in parsed} == {"kl_mean", "kl_p99", "top1_agreement", "ppl_ratio", "nonfinite_logits"}
     assert all(g.dtype is None and g.baseline is None for g in parsed)
 
@@ -312,7 +312,7 @@ def test_documented_gate_files_parse():
             inside = False
     assert len(blocks) == 1 and len(files) == 2
     for text in blocks + files:
-        assert gates.parse(text)
+        assert gatefile.parse(text)
 
 
 def test_gate_command_does_not_import_torch(tmp_path, good):

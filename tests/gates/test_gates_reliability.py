@@ -11,7 +11,7 @@ import math
 import pytest
 
 from evalsuite.errors import UsageError
-from evalsuite.gates import ci, rules
+from evalsuite.gates import ci, gatefile, rules
 from evalsuite.store.results import DtypeResult, RunResults, load_results, write_results
 
 OPS = ["<", "<=", ">", ">=", "==", "!="]
@@ -26,11 +26,11 @@ def _results(fp16: dict, fp32: dict | None = None, bf16: dict | None = None, fp1
     return RunResults({}, {}, {"source": "hand-made"}, {}, "fp32", dtypes, sections=sections or {})
 
 
-def _gates(text: str, baseline: RunResults | None = None) -> rules.GateSet:
-    return rules.GateSet("gates.toml", rules.parse(text), baseline, "base/results.json" if baseline else None)
+def _gates(text: str, baseline: RunResults | None = None) -> gatefile.GateSet:
+    return gatefile.GateSet("gates.toml", gatefile.parse(text), baseline, "base/results.json" if baseline else None)
 
 
-def _outcomes(gs: rules.GateSet, results: RunResults) -> dict[tuple[str, str], rules.Outcome]:
+def _outcomes(gs: gatefile.GateSet, results: RunResults) -> dict[tuple[str, str], rules.Outcome]:
     return {(o.dtype, o.gate.text): o for o in rules.evaluate(gs, results)}
 
 
@@ -106,17 +106,17 @@ def test_the_count_itself_is_gated_like_any_metric():
 
 
 def test_gate_without_a_file_uses_the_defaults_and_says_so(capsys, tmp_path):
-    gs = rules.load_or_default(None)
-    assert gs.source == "default_gates.toml" and gs.gates == rules.load("default").gates
-    assert capsys.readouterr().err.strip() == f"evalsuite: {rules.DEFAULT_NOTE}"
+    gs = gatefile.load_or_default(None)
+    assert gs.source == "default_gates.toml" and gs.gates == gatefile.load("default").gates
+    assert capsys.readouterr().err.strip() == f"evalsuite: {gatefile.DEFAULT_NOTE}"
     own = tmp_path / "g.toml"
     own.write_text('[gates]\nkl_mean = "<= 0.5"\n', encoding="utf-8")
-    assert rules.load_or_default(str(own)).source == "g.toml" and capsys.readouterr().err == ""
-    assert "docs/gates.md" in rules.DEFAULT_NOTE and "no --gate given" in rules.DEFAULT_NOTE
+    assert gatefile.load_or_default(str(own)).source == "g.toml" and capsys.readouterr().err == ""
+    assert "docs/gates.md" in gatefile.DEFAULT_NOTE and "no --gate given" in gatefile.DEFAULT_NOTE
 
 
 def test_gate_command_without_gate_checks_the_defaults(tmp_path, capsys):
-    """`evalsuite gate RESULTS` (needs cli.py's cmd_gate to call rules.load_or_default)."""
+    """`evalsuite gate RESULTS` (needs cli.py's cmd_gate to call gatefile.load_or_default)."""
     from evalsuite.cli import main
 
     good = {"kl_mean": 2e-4, "kl_p99": 7e-4, "top1_agreement": 0.97, "ppl_ratio": 1.0002, "nonfinite_logits": 0}
@@ -124,6 +124,6 @@ def test_gate_command_without_gate_checks_the_defaults(tmp_path, capsys):
     write_results(path, _results(good, bf16={**good, "kl_mean": 0.02}))
     rc = main(["gate", str(path)])
     out, err = capsys.readouterr()
-    assert rc == 1 and rules.DEFAULT_NOTE in err and "Traceback" not in err
+    assert rc == 1 and gatefile.DEFAULT_NOTE in err and "Traceback" not in err
     assert "gates FAILED: 9 passed, 1 failed, 0 skipped (default_gates.toml)" in out
     assert [line.split()[-1] for line in out.splitlines() if line.startswith("bf16   kl_mean")] == ["FAIL"]

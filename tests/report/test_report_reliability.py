@@ -181,11 +181,11 @@ def test_reading_results_pulls_no_framework_and_no_upper_layer(tmp_path):
     code = (
         "import sys, json; sys.path.insert(0, sys.argv[1]); from sample_results import make_results\n"
         "from evalsuite.report.render import render_report\n"
-        "from evalsuite.gates import ci, rules\n"
+        "from evalsuite.gates import ci, gatefile, rules\n"
         "from evalsuite.store.results import from_dict\n"
         "r = make_results() | {'model': {'source': '/c/evalsuite/gemma-3-270m-fp32', 'is_demo': True}}\n"
         "html = render_report(r); assert 'gemma-3-270m-fp32, the embedded default model' in html\n"
-        "gs = rules.load('default'); ci.format_table(gs, rules.evaluate(gs, from_dict(r)))\n"
+        "gs = gatefile.load('default'); ci.format_table(gs, rules.evaluate(gs, from_dict(r)))\n"
         "bad = [m for m in sys.modules if m.split('.')[0] in ('numpy', 'torch', 'transformers') or "
         "m.startswith(('evalsuite.passes', 'evalsuite.model', 'evalsuite.metrics', 'evalsuite.numerics', "
         "'evalsuite.bench', 'evalsuite.config'))]\n"

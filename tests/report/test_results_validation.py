@@ -22,7 +22,7 @@ from test_report_reliability import with_benchmarks  # noqa: E402
 
 from evalsuite.cli import main  # noqa: E402
 from evalsuite.errors import EvalsuiteError, ResultsError  # noqa: E402
-from evalsuite.gates import ci, rules  # noqa: E402
+from evalsuite.gates import ci, gatefile, rules  # noqa: E402
 from evalsuite.report.render import render_compare, render_report  # noqa: E402
 from evalsuite.store.results import from_dict, load_results  # noqa: E402
 
@@ -90,7 +90,7 @@ def test_schema_2_with_recipes_and_unknown_keys_is_read(tmp_path):
     results = load_results(path)
     assert results.schema_version == 2 and results.dtypes["bf16-fp32-attn"].metrics["kl_mean"] == 1.08e-3
     assert "bf16-fp32-attn" in render_report(results.to_dict())
-    gs = rules.GateSet("g", (rules.parse_expr("kl_mean", "<= 0.01", "bf16-fp32-attn"),))
+    gs = gatefile.GateSet("g", (gatefile.parse_expr("kl_mean", "<= 0.01", "bf16-fp32-attn"),))
     assert [o.status for o in rules.evaluate(gs, results)] == ["pass"]
 
 
@@ -124,7 +124,7 @@ def test_every_part_of_a_results_file_replaced_by_another_type_never_crashes():
     base["benchmarks"]["timing"] = {"fp32": {"score_s": 1.0, "batch_size": 8, "batch_size_start": 16, "ranks": 1}}
     base["benchmarks"]["settings"] = {"num_fewshot": 0}
     base["benchmarks"]["failed"] = {"bf16": "x"}
-    gs = rules.GateSet("g", (rules.parse_expr("kl_mean", "<= 0.01"), rules.parse_expr("acc/zh_mc", ">= 0.2")))
+    gs = gatefile.GateSet("g", (gatefile.parse_expr("kl_mean", "<= 0.01"), gatefile.parse_expr("acc/zh_mc", ">= 0.2")))
     paths = [p for p in _paths(base) if p]
     checked = refused = 0
     for i, path in enumerate(paths):
