@@ -47,7 +47,8 @@ def main() -> int:
     args = ap.parse_args()
     from transformers import AutoTokenizer
 
-    from evalsuite.model.forward import Scorer, run_pass
+    from evalsuite.model.batching import run_pass
+    from evalsuite.model.forward import Scorer
     from evalsuite.model.loading import load_model
     from evalsuite.model.modules import find_modules
     from evalsuite.model.precision import DTYPES

@@ -22,8 +22,8 @@ from evalsuite.log import only_rank0, say
 from evalsuite.metrics import kernels
 from evalsuite.metrics.registry import PER_TOKEN_FILE
 from evalsuite.metrics.summary import build_results
+from evalsuite.model.batching import auto_batch_size
 from evalsuite.model.cpu import tune_allocator
-from evalsuite.model.forward import auto_batch_size
 from evalsuite.model.loading import hidden_size, load_tokenizer, stored_dtype
 from evalsuite.model.precision import Precision, unsupported_reason
 from evalsuite.model.source import check_model_source, max_positions

@@ -18,7 +18,8 @@ from evalsuite.config import RunConfig
 from evalsuite.metrics import kernels
 from evalsuite.metrics.divergence import reference_tokens, token_divergence
 from evalsuite.metrics.registry import DIVERGENCE_FIELDS, TOKEN_FIELDS, stats_for
-from evalsuite.model.forward import Scorer, run_pass
+from evalsuite.model.batching import run_pass
+from evalsuite.model.forward import Scorer
 from evalsuite.model.head import VOCAB_PAD, pads_by_default
 from evalsuite.model.precision import Precision
 from evalsuite.phases import phase

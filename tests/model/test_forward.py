@@ -130,7 +130,7 @@ def test_a_run_through_the_padded_head_matches_float64(odd_vocab_model, tmp_path
 
 
 def test_automatic_batch_size_holds_tokens_times_width(tiny_llama):
-    from evalsuite.model.forward import auto_batch_size
+    from evalsuite.model.batching import auto_batch_size
     from evalsuite.model.loading import hidden_size
 
     gpu = torch.device("cuda")

@@ -21,7 +21,8 @@ import torch
 from helpers import run_config, run_pair
 from tiny import corpus_text
 
-from evalsuite.model.forward import Scorer, run_pass, scored_positions
+from evalsuite.model.batching import run_pass
+from evalsuite.model.forward import Scorer, scored_positions
 from evalsuite.model.loading import load_tokenizer
 from evalsuite.model.precision import DTYPES
 from evalsuite.store import rolling
