@@ -180,3 +180,27 @@ class Recorder:
             rows.append((offset, row))
             pos += len(v)
         return rows, hist
+
+
+def module_record(w, rows, hist, i: int) -> dict:
+    """One watched module's reference findings of a pass, JSON-able (a sparse histogram)."""
+    bins = np.flatnonzero(hist[i]) if hist is not None else np.zeros(0, int)
+    return {"name": w.name, "kind": w.kind, "layer": w.layer, "absmax": float(max((r[i] for _, r in rows), default=0.0)),
+            "bins": bins.tolist(), "counts": hist[i][bins].tolist() if hist is not None else []}
+
+
+def p9999(entry: dict) -> float | None:
+    """The reference's 99.99th percentile of |x| (never above the exact absmax)."""
+    p_hi = percentile_from_histogram(entry["hist"]) if entry["hist"] is not None else None
+    return min(p_hi, entry["absmax"]) if p_hi is not None else None
+
+
+def first_failure(watched, order: list[int], rows: list[tuple[int, np.ndarray]]) -> dict | None:
+    """The first watched module, in execution order, of the earliest batch with a non-finite output."""
+    for offset, row in sorted(rows, key=lambda r: r[0]):
+        bad = [i for i in order if row[i] == math.inf]
+        if bad:
+            w = watched[bad[0]]
+            return {"module": w.name, "kind": w.kind, "layer": w.layer, "batch_token_offset": offset,
+                    "n_nonfinite_modules": len(bad)}
+    return None

@@ -2,11 +2,11 @@
 
 `NumericsObserver` plugs into the run loop (`runner.run(..., observers=(obs,))`) and adds to
 every run, with the model that is resident anyway:
-1. weight conversion, from the FP32 reference's parameters (numerics_weights.py);
+1. weight conversion, from the FP32 reference's parameters (weights.py);
 2. per-module activation absmax and a high percentile on the reference pass, and the headroom
-   to each test dtype's largest finite value, log2(max_finite / absmax) (numerics_hooks.py);
+   to each test dtype's largest finite value, log2(max_finite / absmax) (hooks.py);
 3. per test dtype, the first module in execution order whose output turns inf/NaN;
-4. per decoder layer, the test hidden states' error against the reference's (numerics_layers.py);
+4. per decoder layer, the test hidden states' error against the reference's (layers.py);
 5. a verdict per test dtype with reasons (verdict.py).
 Metrics go into each dtype's flat `metrics`; the details into the `numerics` section.
 """
@@ -28,7 +28,9 @@ from evalsuite.numerics.hooks import (
     HIST_SAMPLE,
     PERCENTILE,
     Recorder,
-    percentile_from_histogram,
+    first_failure,
+    module_record,
+    p9999,
 )
 from evalsuite.numerics.layers import (
     SAMPLE_BYTES,
@@ -102,9 +104,9 @@ class NumericsObserver:
         self._pass = None
         recorder.detach()
         rows, hist = recorder.finish()
-        contrib: dict = {"numerics": 1, "role": ctx.role, "failure": _first_failure(watched, recorder.order, rows)}
+        contrib: dict = {"numerics": 1, "role": ctx.role, "failure": first_failure(watched, recorder.order, rows)}
         if ctx.role == "reference":
-            contrib["modules"] = [_module_record(watched[i], rows, hist, i) for i in recorder.order]
+            contrib["modules"] = [module_record(watched[i], rows, hist, i) for i in recorder.order]
             if self._weights_pending is not None:
                 contrib |= {"stored": self.stored, "sample_info": self.sample_info,
                             "weights": {d: [asdict(t) for t in ts] for d, ts in self._weights_pending.items()}}
@@ -154,7 +156,7 @@ class NumericsObserver:
             ref = self.modules.get(f["module"]) if f else None
             if ref is not None:
                 f["reference_absmax"] = ref["absmax"]
-                f["reference_p9999"] = _p9999(ref)
+                f["reference_p9999"] = p9999(ref)
         ran = [p for p in self.tests if metrics_by_dtype.get(p.name)]
         additions: dict[str, dict] = {}
         evidence: dict[str, Evidence] = {}
@@ -252,7 +254,7 @@ class NumericsObserver:
         activations = []
         for n, e in self.modules.items():
             activations.append({"module": n, "kind": e["kind"], "layer": e["layer"], "absmax": e["absmax"],
-                                "p9999": _p9999(e),
+                                "p9999": p9999(e),
                                 "headroom_bits": {d: h[n] for d, h in heads.items()}})
         chart: dict[str, list] = {}
         for kind, label in CHART_KINDS.items():
@@ -276,27 +278,3 @@ class NumericsObserver:
             "verdicts": verdicts,
             "not_measured": [p.name for p in ran if p.name not in self.seen],  # resumed from --no-numerics state
         }
-
-
-def _module_record(w, rows, hist, i: int) -> dict:
-    """One watched module's reference findings of a pass, JSON-able (a sparse histogram)."""
-    bins = np.flatnonzero(hist[i]) if hist is not None else np.zeros(0, int)
-    return {"name": w.name, "kind": w.kind, "layer": w.layer, "absmax": float(max((r[i] for _, r in rows), default=0.0)),
-            "bins": bins.tolist(), "counts": hist[i][bins].tolist() if hist is not None else []}
-
-
-def _p9999(entry: dict) -> float | None:
-    """The reference's 99.99th percentile of |x| (never above the exact absmax)."""
-    p_hi = percentile_from_histogram(entry["hist"]) if entry["hist"] is not None else None
-    return min(p_hi, entry["absmax"]) if p_hi is not None else None
-
-
-def _first_failure(watched, order: list[int], rows: list[tuple[int, np.ndarray]]) -> dict | None:
-    """The first watched module, in execution order, of the earliest batch with a non-finite output."""
-    for offset, row in sorted(rows, key=lambda r: r[0]):
-        bad = [i for i in order if row[i] == math.inf]
-        if bad:
-            w = watched[bad[0]]
-            return {"module": w.name, "kind": w.kind, "layer": w.layer, "batch_token_offset": offset,
-                    "n_nonfinite_modules": len(bad)}
-    return None
