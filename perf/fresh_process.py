@@ -79,6 +79,15 @@ def plain(model: str, args, env: dict, dtypes: str | None = None) -> dict:
     return entry
 
 
+def versions() -> dict:
+    """The software and host every command of this call ran on (from a child: nothing imported here)."""
+    code = ("import json, platform, sys, torch, transformers; print(json.dumps({'python': platform.python_version(), "
+            "'torch': torch.__version__, 'cuda': torch.version.cuda, 'transformers': transformers.__version__, "
+            "'gpu': torch.cuda.get_device_name() if torch.cuda.is_available() else None, 'cpus': __import__('os').cpu_count()}))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    return json.loads(out.stdout) if out.returncode == 0 else {"error": out.stderr[-300:]}
+
+
 def gpu_state() -> str:
     """SM and memory clocks, power and temperature now (nvidia-smi), to tell a slow machine from slow code."""
     try:
@@ -114,7 +123,7 @@ def main() -> int:
     env = {**os.environ, "PYTHONPATH": f"{ROOT}:{os.environ.get('PYTHONPATH', '')}",
            "EVALSUITE_CACHE": str(work / "cache"), "TORCHINDUCTOR_CACHE_DIR": str(work / "inductor")}
     env.pop("TRITON_CACHE_DIR", None)  # evalsuite keeps its kernel under EVALSUITE_CACHE/triton
-    result = {"shape": name, "tokens": args.max_tokens, "batch": args.batch, "runs": {}}
+    result = {"shape": name, "tokens": args.max_tokens, "batch": args.batch, "versions": versions(), "runs": {}}
     cold_env = {**env, "EVALSUITE_CACHE": str(work / "cache-nocache")}  # its own empty kernel cache
     subprocess.run(["sync"], check=False)  # the checkpoint just written is on disk before anything is timed
     steps = [("plain_first", lambda: plain(model, args, env)),
