@@ -30,11 +30,10 @@ from evalsuite.model.convert import load_recipe
 from evalsuite.model.cpu import fp32_accumulating_linears
 from evalsuite.model.forward import Scorer
 from evalsuite.model.kept import KeptReference
-from evalsuite.model.loading import load_model, placement, unload, vocab_size
+from evalsuite.model.loading import load_model, unload, vocab_size
 from evalsuite.model.precision import Precision, exact_fp32, pass_flags
 from evalsuite.passes import reference
 from evalsuite.passes.attention import AttentionWarm
-from evalsuite.passes.reference import segments_of
 from evalsuite.passes.scoring import (
     PassContext,
     TokenArrays,
@@ -46,12 +45,11 @@ from evalsuite.passes.scoring import (
     timed_pass,
     warm_kernels,
 )
+from evalsuite.passes.stores import Stores
 from evalsuite.phases import phase
 from evalsuite.store.corpus import TokenWindows
-from evalsuite.store.logits import BackgroundWriter
 from evalsuite.store.provenance import Provenance
-from evalsuite.store.refcache import CacheCorrupt, ReferenceCache
-from evalsuite.store.state import RunState
+from evalsuite.store.refcache import CacheCorrupt
 from evalsuite.store.windows import scored_counts
 
 
@@ -67,15 +65,6 @@ class Plan:
     tests: tuple[Precision, ...]  # the test precisions that can run here, in order
     batch: int  # windows per batch (the reference may halve it on out-of-memory)
     noise_tokens: int  # tokens of the noise-floor pass on this rank
-
-
-@dataclass
-class Stores:
-    """Where finished passes go; one background writer keeps their writes in order."""
-
-    state: RunState
-    cache: ReferenceCache | None
-    writer: BackgroundWriter
 
 
 def pass_label(name: str, seg: int, segments) -> str:
@@ -218,22 +207,6 @@ class Loop:
                 self.cache.reopen()
         return self._reference_pass(seg, need_logits)
 
-    def _plan(self, model, scorer: Scorer, head, ref_flags: dict, load_s: float) -> None:
-        """The segments and how the reference is kept (passes/reference.py), fixed for the run."""
-        choice = reference.choose(self.cfg, self.device, scorer, head, self.windows.windows, load_s, len(self.tests))
-        self.segments = segments_of(self.windows.windows, choice.tokens)
-        self.prov.update({
-            "logits_path_reason": scorer.split_reason or None, "reference_flags": ref_flags,
-            "logits_path": scorer.logits_path, "chunk_tokens": scorer.chunk_tokens, "buffer_tokens": choice.tokens,
-            "n_segments": len(self.segments), "reference_kept": choice.kept, "reference_kept_reason": choice.reason,
-            "reference_stored": reference.HIDDEN if head is not None else reference.LOGITS,
-            "reference_head_us": choice.head_us,
-            "attn_implementation": getattr(model.config, "_attn_implementation", None),
-            "placement": placement(model) if self.cfg.device_map else None})
-        if len(self.segments) > 1:
-            what = "hidden states" if choice.kept == reference.HIDDEN else "logits"
-            say(f"reference {what} kept in {len(self.segments)} segments of <= {choice.tokens} tokens")
-
     def _reference_pass(self, seg: int, need_logits: bool) -> KeptReference | None:
         cfg, ref_name = self.cfg, self.cfg.reference.name
         model, load_s = self._load(cfg.reference)
@@ -242,7 +215,7 @@ class Loop:
             scorer = self._scorer(model, cfg.reference)
             head = scorer.freeze_head()  # the reference's logits go through this copy (model/kept.py)
             if self.segments is None:
-                self._plan(model, scorer, head, ref_flags, load_s)
+                reference.fix_plan(self, model, scorer, head, ref_flags, load_s)
             first, last, offset = self.segments[seg]
             seg_windows = self.windows.windows[first:last]
             seg_tokens = int(scored_counts(seg_windows).sum())

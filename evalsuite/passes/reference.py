@@ -31,6 +31,7 @@ import torch
 from evalsuite.log import say
 from evalsuite.model.head import FrozenHead
 from evalsuite.model.kept import KeptReference, head_seconds_per_token
+from evalsuite.model.loading import placement
 from evalsuite.passes.scoring import keep_hidden, keep_reference
 from evalsuite.store.windows import scored_counts
 
@@ -106,6 +107,24 @@ def choose(cfg, device, scorer, head: FrozenHead | None, windows: list, load_s: 
     if reapply_s <= reload_s:
         return Choice(HIDDEN, as_hidden, f"the logits do not fit the device buffer; {costs}", head_us)
     return Choice(LOGITS, as_logits, f"the logits do not fit the device buffer; {costs}", head_us)
+
+
+def fix_plan(loop, model, scorer, head: FrozenHead | None, ref_flags: dict, load_s: float) -> None:
+    """The loop's segments and how the reference is kept (`choose`), fixed for the run at its first
+    reference pass and recorded in the provenance."""
+    choice = choose(loop.cfg, loop.device, scorer, head, loop.windows.windows, load_s, len(loop.tests))
+    loop.segments = segments_of(loop.windows.windows, choice.tokens)
+    loop.prov.update({
+        "logits_path_reason": scorer.split_reason or None, "reference_flags": ref_flags,
+        "logits_path": scorer.logits_path, "chunk_tokens": scorer.chunk_tokens, "buffer_tokens": choice.tokens,
+        "n_segments": len(loop.segments), "reference_kept": choice.kept, "reference_kept_reason": choice.reason,
+        "reference_stored": HIDDEN if head is not None else LOGITS,
+        "reference_head_us": choice.head_us,
+        "attn_implementation": getattr(model.config, "_attn_implementation", None),
+        "placement": placement(model) if loop.cfg.device_map else None})
+    if len(loop.segments) > 1:
+        what = "hidden states" if choice.kept == HIDDEN else "logits"
+        say(f"reference {what} kept in {len(loop.segments)} segments of <= {choice.tokens} tokens")
 
 
 def allocate(kept_mode: str, n: int, scorer, head: FrozenHead | None, device) -> KeptReference:

@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import gc
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass, replace
 
 import torch
 
-import evalsuite
-from evalsuite.config import RunConfig, for_device, numeric_fields, reference_fields, resolve_device
+from evalsuite.config import RunConfig, for_device, resolve_device
 from evalsuite.errors import EvalsuiteError, UsageError
 from evalsuite.log import only_rank0, say
 from evalsuite.metrics import kernels
@@ -29,16 +28,13 @@ from evalsuite.model.precision import Precision, unsupported_reason
 from evalsuite.model.source import check_model_source, max_positions
 from evalsuite.passes import distributed, repair
 from evalsuite.passes.generate import generate
-from evalsuite.passes.loop import Loop, Plan, Stores
+from evalsuite.passes.loop import Loop, Plan
 from evalsuite.passes.observers import Observer
 from evalsuite.passes.scoring import observer_part
+from evalsuite.passes.stores import cache_status, digest_meanwhile, open_stores
 from evalsuite.phases import phase
 from evalsuite.store import corpus as corpus_mod
 from evalsuite.store import rolling
-from evalsuite.store.digests import BACKGROUND_WORKERS, checkpoint_digest, tokens_digest
-from evalsuite.store.logits import BackgroundWriter
-from evalsuite.store.refcache import ReferenceCache, cache_fields
-from evalsuite.store.state import RunState, model_signature
 from evalsuite.store.windows import LM_EVAL
 
 __all__ = ["run", "noise_budget"]
@@ -140,7 +136,7 @@ def setup(cfg: RunConfig, source: str, dist, timing: dict) -> Setup:
         raise UsageError(f"--seq-len {cfg.seq_len} needs {cfg.seq_len + 1} positions but {source} has "
                          f"max_position_embeddings {limit}: use --seq-len {limit - 1} or less")
     # after the option checks: a refused run exits at once instead of waiting for the hash
-    digest = _digest_meanwhile(cfg, source)
+    digest = digest_meanwhile(cfg, source)
     with phase("tokenizer"):
         tokenizer = load_tokenizer(source, cfg.trust_remote_code)
     with phase("tokenize"):
@@ -154,20 +150,6 @@ def setup(cfg: RunConfig, source: str, dist, timing: dict) -> Setup:
         say("--noise-tokens 0: no noise floor is measured, so no divergence figure has a floor to stand against")
     tests, skipped = runnable(cfg, device)
     return Setup(cfg, source, device, tokenizer, windows, corpus_identity, tests, skipped, dist, tuned, digest)
-
-
-def _digest_meanwhile(cfg: RunConfig, source: str) -> Future | None:
-    """The checkpoint's digest (digests.checkpoint_digest), hashed while the tokenizer loads and the
-    corpus is tokenized: a first run on a 13 GB checkpoint hashed it for 1.1-1.3 s on an H200 host
-    before anything else could start (later runs read the digest back by size and mtime). The
-    thread only waits: a child process reads and hashes (store/filehash.py says why)."""
-    if cfg.reference_cache is None:
-        return None
-    pool = ThreadPoolExecutor(1, thread_name_prefix="evalsuite-hash")
-    future = pool.submit(checkpoint_digest, source, cfg.reference_cache / "checkpoint-digests.json",
-                         BACKGROUND_WORKERS, in_child=True)
-    pool.shutdown(wait=False)
-    return future
 
 
 def runnable(cfg: RunConfig, device: torch.device) -> tuple[tuple[Precision, ...], dict[str, str]]:
@@ -205,44 +187,6 @@ def shard(s: Setup) -> Plan:
     return Plan(cfg, s.source, s.device, s.tokenizer, mine, s.tests, batch, noise_tokens)
 
 
-def open_stores(s: Setup, plan: Plan, observers, resume: bool, fresh: bool, timing: dict) -> tuple[Stores, dict]:
-    """The resume state (fingerprinted by every option that changes a number) and the reference cache."""
-    rank = [s.dist.rank, s.dist.world] if s.dist else None
-    fields = {**numeric_fields(s.cfg), "evalsuite": evalsuite.__version__, "torch": torch.__version__,
-              "source": s.source, "model_files": model_signature(s.source),
-              "corpus_sha256": s.corpus_identity["sha256"], "resolved_device": str(s.device), "rank": rank}
-    state = RunState(s.cfg.out_dir, fields, enabled=resume, fresh=fresh,
-                     subdir=f"rank{s.dist.rank}" if s.dist else None)
-    writer = BackgroundWriter()
-    cache, info = open_cache(s, plan, observers, rank, timing, writer)
-    return Stores(state, cache, writer), info
-
-
-def open_cache(s: Setup, plan: Plan, observers, rank, timing: dict,
-               writer: BackgroundWriter) -> tuple[ReferenceCache | None, dict]:
-    """The reference cache entry for this run's key, or None (off, or the checkpoint can't be hashed)."""
-    cfg = s.cfg
-    if cfg.reference_cache is None:
-        return None, {"status": "off"}
-    with phase("hash"):
-        digest = s.digest.result()  # (setup started it: the cache is on)
-        tokens = tokens_digest(plan.windows.windows)
-    if digest is None:
-        say(f"reference cache not used: the files of {s.source} are not on this machine to hash")
-        return None, {"status": "off", "reason": "checkpoint files not found locally"}
-    fields = cache_fields({
-        **reference_fields(cfg), "checkpoint_sha256": digest, "tokens_sha256": tokens,
-        "context": plan.windows.context, "resolved_batch_size": plan.batch, "resolved_noise_tokens": plan.noise_tokens,
-        "observers": [[type(o).__name__, getattr(o, "signature", None)] for o in observers], "rank": rank,
-    }, s.device)
-    try:
-        cache = ReferenceCache(cfg.reference_cache, fields, cfg.reference_cache_gib, writer)
-    except OSError as exc:
-        say(f"reference cache not used: cannot write {cfg.reference_cache} ({exc.strerror})")
-        return None, {"status": "off", "reason": f"cannot write {cfg.reference_cache}"}
-    return cache, {"dir": str(cache.dir), "key": cache.key, "checkpoint_sha256": digest}
-
-
 def run_passes(loop: Loop, data_parallel: bool, timing: dict) -> tuple[int, str] | None:
     """Every pass of this rank; a rank's error is returned (to be gathered), a lone process's raised."""
     # Objects alive now (imports, tokenizer, corpus) are left out of the collection each model
@@ -259,25 +203,6 @@ def run_passes(loop: Loop, data_parallel: bool, timing: dict) -> tuple[int, str]
         with phase("write_wait"):
             loop.writer.join()  # the reference cache / resume files are complete before anything ends
     return None
-
-
-def cache_status(loop: Loop, info: dict) -> dict:
-    cache = loop.cache
-    if cache is None:
-        return info
-    info["status"] = "hit" if loop.cached_reference else "not stored" if loop.not_kept else "stored"
-    if loop.not_kept and not loop.cached_reference:
-        info["reason"] = loop.not_kept
-    if cache.problem:
-        info["problem"] = cache.problem
-    if loop.cached_reference:
-        say(f"reference {loop.cfg.reference.name} read from the cache {cache.dir} (no reference pass)")
-    elif info["status"] == "stored":
-        size = sum(f.stat().st_size for f in cache.dir.rglob("*") if f.is_file())
-        info["entry_gib"] = round(size / 2**30, 3)
-        say(f"reference kept for reuse in {cache.dir} ({size / 2**30:.2f} GiB; the cache keeps at most "
-            f"{loop.cfg.reference_cache_gib:g} GiB: --reference-cache-gib, --no-reference-cache)")
-    return info
 
 
 def summarize(s: Setup, loop: Loop, observers, cache_info: dict, timing: dict) -> RunOutput:

@@ -1,7 +1,7 @@
 """Content digests: what makes a reference-cache key (the checkpoint, the tokens, the code) and
 what verifies its files (the kept hidden states, logits and head, hashed where they sit).
 
-Split from store/refcache.py, which uses them; runner._digest_meanwhile hashes the checkpoint
+Split from store/refcache.py, which uses them; stores.digest_meanwhile hashes the checkpoint
 with them while the tokenizer loads (a background thread that waits on a child process).
 """
 
@@ -22,7 +22,7 @@ from evalsuite.store.results import atomic_write_text
 
 _SKIP_SUFFIXES = (".md", ".lock")
 _ROWS_PER_DIGEST_CHUNK = 256
-# Threads that hash a checkpoint in the background (runner._digest_meanwhile) while the run starts
+# Threads that hash a checkpoint in the background (stores.digest_meanwhile) while the run starts
 # up: all but one core, at most four (a 13 GB shard's hash stays shorter than the start-up it
 # hides behind). They run in a child process (filehash.py says why); in-process threads had made
 # the main thread's start-up slower than the hash itself (perf/profile_cold.sh, round 8: its 47k

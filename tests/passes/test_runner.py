@@ -187,12 +187,12 @@ def test_progress_label_names_the_segment_of_a_multi_segment_run():
 
 
 def test_the_digest_hashed_meanwhile_is_the_one_open_cache_hashed_before(tiny_llama, tmp_path):
-    """runner._digest_meanwhile hashes in a thread what open_cache hashed before the passes."""
-    from evalsuite.passes import runner
+    """stores.digest_meanwhile hashes in a thread what open_cache hashed before the passes."""
+    from evalsuite.passes import stores
     from evalsuite.store.digests import checkpoint_digest
 
-    assert runner._digest_meanwhile(run_config(tmp_path / "o2", reference_cache=None), str(tiny_llama)) is None
+    assert stores.digest_meanwhile(run_config(tmp_path / "o2", reference_cache=None), str(tiny_llama)) is None
     cfg = run_config(tmp_path / "out", reference_cache=tmp_path / "cache")
-    future = runner._digest_meanwhile(cfg, str(tiny_llama))
+    future = stores.digest_meanwhile(cfg, str(tiny_llama))
     assert future.result() == checkpoint_digest(str(tiny_llama))
     assert (tmp_path / "cache" / "checkpoint-digests.json").is_file()  # memoised there, as before
