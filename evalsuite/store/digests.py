@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from evalsuite.store import filehash
+from evalsuite.store.filehash import sha256_file
 from evalsuite.store.results import atomic_write_text
 
 _SKIP_SUFFIXES = (".md", ".lock")
@@ -28,11 +29,6 @@ _ROWS_PER_DIGEST_CHUNK = 256
 # the main thread's start-up slower than the hash itself (perf/profile_cold.sh, round 8: its 47k
 # stat() calls took 5.9 s against the plain script's 0.8 s, waiting for the GIL behind 16 threads).
 BACKGROUND_WORKERS = max(1, min(4, (os.cpu_count() or 1) - 1))
-
-
-def sha256_file(path: Path, workers: int | None = None) -> str:
-    """filehash.sha256_file in this process (a cache file's check, a child that could not start)."""
-    return filehash.sha256_file(path, workers)
 
 
 def _hash_in_child(paths: list[Path], workers: int | None) -> list[str]:

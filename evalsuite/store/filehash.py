@@ -2,11 +2,12 @@
 as a script in a child process (`python -I -S filehash.py --workers N FILE...`).
 
 Why a child process: a first run hashes the checkpoint (13 GB at 7B) while the main thread
-imports transformers and loads the tokenizer. Threads in the same process share its GIL: each
-piece's read and hash hand it back and forth with the main thread, whose start-up (47k stat()
-calls of transformers' package scan, the tokenizer's Python) then waited behind them (the
-cold `tokenizer` phase 10.6 s against 6.8 s without the hash, on an H200 host, round 9). A child
-has a GIL of its own; it imports nothing beyond the standard library.
+imports transformers and loads the tokenizer. Threads of the same process share its GIL, and in
+a cProfile of a cold 7B run on an H200 host with 16 hashing threads (perf/profile_cold.sh, round
+8) the main thread's 47k stat() calls took 5.9 s against the plain script's 0.8 s, waiting for it.
+A child has a GIL of its own and imports nothing beyond the standard library, so that cannot
+happen at any thread count. (With four threads, round 10's A/B in perf/hash_probe.py measured no
+difference beyond the spread between identical processes: the child is kept for the guarantee.)
 """
 
 from __future__ import annotations

@@ -35,7 +35,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from evalsuite.store.digests import code_digest, logits_digest, sha256_file
+from evalsuite.store.digests import code_digest, logits_digest
+from evalsuite.store.filehash import sha256_file
 from evalsuite.store.logits import BackgroundWriter, read_logits, write_logits
 from evalsuite.store.results import atomic_write, atomic_write_text
 from evalsuite.store.state import pass_writer, read_pass
