@@ -3,7 +3,7 @@
 Reads only the results dict, never torch or the model, so `evalsuite report` re-renders on any
 machine. `sections.py` turns the dict into plain rows and chart strings; the jinja2
 templates in `evalsuite/report/templates/` lay them out with autoescape on, so every string from the
-data (corpus lines, model names, tokens) is escaped. Charts come from `evalsuite.charts`,
+data (corpus lines, model names, tokens) is escaped. Charts come from `evalsuite.report.charts`,
 which escapes its own labels. This module is the page frame: the template of each page, the
 rows that set two runs side by side, and reading results.json and writing the page.
 """
@@ -17,7 +17,7 @@ from evalsuite.fmt import is_number as _finite
 from evalsuite.report import charts
 from evalsuite.report.html import env as _env
 from evalsuite.report.html import signed
-from evalsuite.report.sections import _flatten, context
+from evalsuite.report.sections import context, flatten
 
 
 def render_report(results: dict) -> str:
@@ -64,7 +64,7 @@ def compare_context(a: dict, b: dict, labels: tuple[str, str], files: tuple[str,
             key = f"{n} ({labels[i]})"
             hists[key], colours[key] = h, names.index(n) if n in names else len(names)
             dashed |= {key} if i else set()
-    fa, fb = (dict(_flatten({k: r.get(k) for k in ("model", "corpus", "config", "provenance")})) for r in (a, b))
+    fa, fb = (dict(flatten({k: r.get(k) for k in ("model", "corpus", "config", "provenance")})) for r in (a, b))
     diffs = [(k, fa.get(k, "-"), fb.get(k, "-")) for k in list(fa) + [k for k in fb if k not in fa]
              if fa.get(k) != fb.get(k)]
     sha = [(r.get("corpus") or {}).get("sha256") for r in (a, b)]

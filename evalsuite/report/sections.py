@@ -38,14 +38,14 @@ SHOWN_METRICS = {"ppl", "ppl_se", "mean_nll", "bits_per_byte", "n_tokens", "n_sc
                  "first_nonfinite_module", "layer_max_error_growth"}
 
 
-def _flatten(d: Any, prefix: str = "") -> list[tuple[str, str]]:
+def flatten(d: Any, prefix: str = "") -> list[tuple[str, str]]:
     """Nested dicts as ('a.b', value) rows; lists and scalars shown as compact text."""
     if not isinstance(d, dict):
         return [(prefix or "value", _text(d))]
     rows: list[tuple[str, str]] = []
     for k, v in d.items():
         key = f"{prefix}.{k}" if prefix else str(k)
-        rows += _flatten(v, key) if isinstance(v, dict) and v else [(key, _text(v))]
+        rows += flatten(v, key) if isinstance(v, dict) and v else [(key, _text(v))]
     return rows
 
 
@@ -244,7 +244,7 @@ def context(results: dict, label: str = "", file: str = "") -> dict:
         "benchmarks": bench_report.context(results), "recipes": recipes_report.context(results),
         "generation": gen_report.context(results),
         "all_metrics": _all_metrics(dtypes), "more_metrics": _all_metrics(dtypes, only_unknown=True),
-        "provenance": _nested(_without_phases(results.get("provenance") or {})), "model_rows": _flatten(model),
-        "corpus_rows": _flatten(results.get("corpus") or {}), "config_rows": _flatten(results.get("config") or {}),
+        "provenance": _nested(_without_phases(results.get("provenance") or {})), "model_rows": flatten(model),
+        "corpus_rows": flatten(results.get("corpus") or {}), "config_rows": flatten(results.get("config") or {}),
         "other": _other_sections(results),
     }
