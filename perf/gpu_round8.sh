@@ -1,5 +1,5 @@
 #!/bin/bash
-# The H200 numbers of docs/performance.md "Round 8" (fresh processes), as run through the device tool:
+# The H200 numbers of docs/performance.md "Round 8" and "Round 10" (fresh processes), as run through the device tool:
 #   bash perf/gpu_round8.sh large   # the Llama-2-7B shape
 #   bash perf/gpu_round8.sh small   # the Qwen2-0.5B shape
 #   bash perf/gpu_round8.sh gemma   # the real Gemma 3 270M: needs /tmp/gc/x00..x05, the demo wheels
