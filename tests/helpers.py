@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import time
+
 from evalsuite.config import RunConfig
 from evalsuite.model.precision import DTYPES
 from evalsuite.store.corpus import CorpusSpec
@@ -49,3 +52,36 @@ def fp32_gemm_linears(model) -> None:
     for m in model.modules():
         if type(m) is torch.nn.Linear:
             m.forward = routed(m)
+
+
+def sleeping_child(tmp_path):
+    """(an executable, its pid file): a stand-in for the interpreter digests starts to hash, which
+    writes its pid (whole, then renamed) and sleeps a minute, whatever it is asked."""
+    exe, pid = tmp_path / "slow-python", tmp_path / "child.pid"
+    exe.write_text(f'#!/bin/sh\necho $$ > "{pid}.tmp" && mv "{pid}.tmp" "{pid}"\nexec sleep 60\n')
+    exe.chmod(0o755)
+    return exe, pid
+
+
+def wait_for_pid(pid_file, timeout_s: float = 30.0) -> int:
+    deadline = time.monotonic() + timeout_s
+    while not pid_file.exists():
+        assert time.monotonic() < deadline, "the child never started"
+        time.sleep(0.01)
+    return int(pid_file.read_text())
+
+
+def process_gone(pid: int, timeout_s: float = 5.0) -> bool:
+    """Whether `pid` has ended (a zombie counts: it no longer runs) within `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            os.kill(pid, 0)
+            with open(f"/proc/{pid}/stat") as fh:
+                if fh.read().rsplit(")", 1)[1].split()[0] == "Z":
+                    return True
+        except (ProcessLookupError, FileNotFoundError):
+            return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)

@@ -7,7 +7,8 @@ Split from runner.py (the run's steps) and loop.py (the passes): what both hand 
 
 from __future__ import annotations
 
-from concurrent.futures import Future, ThreadPoolExecutor
+import threading
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -40,13 +41,23 @@ def digest_meanwhile(cfg: RunConfig, source: str) -> Future | None:
     """The checkpoint's digest (digests.checkpoint_digest), hashed while the tokenizer loads and the
     corpus is tokenized: a first run on a 13 GB checkpoint hashed it for 1.1-1.3 s on an H200 host
     before anything else could start (later runs read the digest back by size and mtime). The
-    thread only waits: a child process reads and hashes (store/filehash.py says why)."""
+    thread only waits: a child process reads and hashes (store/filehash.py says why).
+
+    The thread is a daemon, unlike a ThreadPoolExecutor's, which exit joins: a run that fails
+    after setup ends at once (startup.leave), and digests.stop_hashing stops the child then."""
     if cfg.reference_cache is None:
         return None
-    pool = ThreadPoolExecutor(1, thread_name_prefix="evalsuite-hash")
-    future = pool.submit(checkpoint_digest, source, cfg.reference_cache / "checkpoint-digests.json",
-                         BACKGROUND_WORKERS, in_child=True)
-    pool.shutdown(wait=False)
+    future: Future = Future()
+
+    def hash_it() -> None:
+        future.set_running_or_notify_cancel()
+        try:
+            future.set_result(checkpoint_digest(source, cfg.reference_cache / "checkpoint-digests.json",
+                                                BACKGROUND_WORKERS, in_child=True))
+        except BaseException as exc:  # as the executor's worker: .result() raises it in open_cache
+            future.set_exception(exc)
+
+    threading.Thread(target=hash_it, name="evalsuite-hash", daemon=True).start()
     return future
 
 

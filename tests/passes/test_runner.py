@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import math
+import os
+import signal
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
 import torch
-from helpers import fp32_gemm_linears, run_config, run_pair
+from helpers import fp32_gemm_linears, process_gone, run_config, run_pair, sleeping_child
 from tiny import build_model
 from transformers import AutoModelForCausalLM
 
@@ -196,3 +201,41 @@ def test_the_digest_hashed_meanwhile_is_the_one_open_cache_hashed_before(tiny_ll
     future = stores.digest_meanwhile(cfg, str(tiny_llama))
     assert future.result() == checkpoint_digest(str(tiny_llama))
     assert (tmp_path / "cache" / "checkpoint-digests.json").is_file()  # memoised there, as before
+
+
+LEAVES_EARLY = """
+import sys, time
+from pathlib import Path
+from types import SimpleNamespace
+from evalsuite import startup
+from evalsuite.passes import stores
+checkpoint, cache, pid_file, how = sys.argv[1:5]
+sys.executable = sys.argv[5]  # the hashing child: sleeps a minute
+future = stores.digest_meanwhile(SimpleNamespace(reference_cache=Path(cache)), checkpoint)
+deadline = time.monotonic() + 30
+while not Path(pid_file).exists() and time.monotonic() < deadline:
+    time.sleep(0.01)
+print(time.time(), flush=True)
+startup.leave(3) if how == "leave" else sys.exit(3)
+"""
+
+
+@pytest.mark.parametrize("how", ["leave", "sys.exit"])
+def test_a_run_that_fails_while_the_checkpoint_hashes_ends_at_once_and_stops_the_child(tmp_path, how):
+    """In a fresh interpreter: digest_meanwhile's thread (a daemon) does not hold the exit, and the
+    exit handlers stop its child (a stand-in that sleeps a minute) rather than leave it running."""
+    (tmp_path / "ckpt").mkdir()
+    (tmp_path / "ckpt" / "model.safetensors").write_bytes(b"weights")
+    exe, pid_file = sleeping_child(tmp_path)
+    args = [str(tmp_path / "ckpt"), str(tmp_path / "cache"), str(pid_file), how, str(exe)]
+    out = subprocess.run([sys.executable, "-c", LEAVES_EARLY, *args], capture_output=True, text=True, timeout=120)
+    ended = time.time()
+    pid = int(pid_file.read_text())
+    try:
+        assert out.returncode == 3, out.stderr
+        assert ended - float(out.stdout) < 10, "the exit waited for the hash"  # the child sleeps 60 s
+        assert process_gone(pid), "the hashing child outlived the run"
+        assert not (tmp_path / "cache" / "checkpoint-digests.json").exists()  # nothing hashed in-process
+    finally:
+        if not process_gone(pid, 0):
+            os.kill(pid, signal.SIGKILL)

@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import shutil
+import signal
 import sys
+import threading
+from concurrent.futures import CancelledError, ThreadPoolExecutor
 
 import numpy as np
+import pytest
+from helpers import process_gone, sleeping_child, wait_for_pid
 
 from evalsuite.store import digests, filehash
 
@@ -56,3 +62,29 @@ def test_a_child_that_cannot_answer_falls_back_to_this_process(tmp_path, monkeyp
 def test_a_checkpoint_hashed_in_the_child_has_the_in_process_digest(tiny_llama, tmp_path):
     in_child = digests.checkpoint_digest(str(tiny_llama), tmp_path / "memo.json", 2, in_child=True)
     assert in_child == digests.checkpoint_digest(str(tiny_llama))  # no memo: every file read here
+
+
+def test_a_child_stopped_as_the_process_leaves_is_not_hashed_again_here(tmp_path, monkeypatch):
+    """stop_hashing (atexit) kills the child still hashing; the thread waiting on it gives up
+    (CancelledError) instead of falling back to a hash in this process, and no child starts after."""
+    (tmp_path / "a").write_bytes(b"abc")
+    exe, pid_file = sleeping_child(tmp_path)
+    monkeypatch.setattr(sys, "executable", str(exe))
+    monkeypatch.setattr(digests, "_leaving", threading.Event())  # (this test's process goes on after it)
+    seen = []
+    monkeypatch.setattr(digests, "sha256_file", lambda *a: seen.append(a) or "in-process")
+    with ThreadPoolExecutor(1) as pool:
+        hashing = pool.submit(digests._hash_in_child, [tmp_path / "a"], None)
+        pid = wait_for_pid(pid_file)
+        try:
+            digests.stop_hashing()
+            with pytest.raises(CancelledError):
+                hashing.result(timeout=10)
+            assert process_gone(pid)
+        finally:
+            if not process_gone(pid, 0):
+                os.kill(pid, signal.SIGKILL)
+    pid_file.unlink()
+    with pytest.raises(CancelledError):
+        digests._hash_in_child([tmp_path / "a"], None)
+    assert not pid_file.exists() and seen == []  # no child started, nothing hashed here
