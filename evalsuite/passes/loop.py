@@ -34,16 +34,15 @@ from evalsuite.model.loading import load_model, unload, vocab_size
 from evalsuite.model.precision import Precision, exact_fp32, pass_flags
 from evalsuite.passes import reference
 from evalsuite.passes.attention import AttentionWarm
+from evalsuite.passes.prewarm import prewarm_kernels, warm_kernels
 from evalsuite.passes.scoring import (
     PassContext,
     TokenArrays,
     compare,
     noise_pass,
-    prewarm_kernels,
     restore_observers,
     staging,
     timed_pass,
-    warm_kernels,
 )
 from evalsuite.passes.stores import Stores
 from evalsuite.phases import phase
@@ -65,6 +64,7 @@ class Plan:
     tests: tuple[Precision, ...]  # the test precisions that can run here, in order
     batch: int  # windows per batch (the reference may halve it on out-of-memory)
     noise_tokens: int  # tokens of the noise-floor pass on this rank
+    prewarm: object | None = None  # prewarm.prewarm_child's thread, started with the run (None: Loop starts one)
 
 
 def pass_label(name: str, seg: int, segments) -> str:
@@ -82,7 +82,7 @@ class Loop:
 
     def __init__(self, plan: Plan, stores: Stores, observers: tuple, collect_snapshots: bool = False):
         self.cfg, self.source, self.device, self.tokenizer = plan.cfg, plan.source, plan.device, plan.tokenizer
-        self.prewarm = None  # scoring.prewarm_kernels: a thread compiling the kernel while the reference loads
+        self.prewarm = plan.prewarm  # prewarm.py: the kernel's compile, followed until the first test pass
         self.attention = AttentionWarm(plan.device, [p.dtype for p in plan.tests])  # cuDNN's builds, off the test passes
         self.windows, self.tests, self.observers = plan.windows, plan.tests, observers
         self.state, self.cache, self.writer = stores.state, stores.cache, stores.writer
@@ -142,7 +142,7 @@ class Loop:
 
     def run_all(self) -> None:
         seg = 0
-        if self.device.type == "cuda":  # the kernel compiles while the reference loads (or is read back)
+        if self.device.type == "cuda" and self.prewarm is None:  # no child: compile while the reference loads
             self.prewarm = prewarm_kernels(self.device, vocab_size(self.source, self.cfg.trust_remote_code),
                                            [p.dtype for p in self.tests])
         while self.segments is None or seg < len(self.segments):

@@ -30,6 +30,7 @@ from evalsuite.passes import distributed, repair
 from evalsuite.passes.generate import generate
 from evalsuite.passes.loop import Loop, Plan
 from evalsuite.passes.observers import Observer
+from evalsuite.passes.prewarm import prewarm_child
 from evalsuite.passes.scoring import observer_part
 from evalsuite.passes.stores import cache_status, digest_meanwhile, open_stores
 from evalsuite.phases import phase
@@ -69,6 +70,7 @@ class Setup:
     dist: distributed.Dist | None
     allocator_tuned: bool = False  # model/cpu.tune_allocator ran (a CPU run on glibc)
     digest: Future | None = None  # the checkpoint's sha256 for the reference cache, computed meanwhile
+    prewarm: object | None = None  # prewarm.prewarm_child: the fused kernel compiling meanwhile
 
 
 def run(cfg: RunConfig, source: str, observers: tuple[Observer, ...] = (), resume: bool = False,
@@ -137,6 +139,7 @@ def setup(cfg: RunConfig, source: str, dist, timing: dict) -> Setup:
                          f"max_position_embeddings {limit}: use --seq-len {limit - 1} or less")
     # after the option checks: a refused run exits at once instead of waiting for the hash
     digest = digest_meanwhile(cfg, source)
+    prewarm = prewarm_child(device, source, [p.dtype for p in cfg.dtypes], cfg.trust_remote_code)
     with phase("tokenizer"):
         tokenizer = load_tokenizer(source, cfg.trust_remote_code)
     with phase("tokenize"):
@@ -149,7 +152,7 @@ def setup(cfg: RunConfig, source: str, dist, timing: dict) -> Setup:
     if cfg.noise_tokens == 0:
         say("--noise-tokens 0: no noise floor is measured, so no divergence figure has a floor to stand against")
     tests, skipped = runnable(cfg, device)
-    return Setup(cfg, source, device, tokenizer, windows, corpus_identity, tests, skipped, dist, tuned, digest)
+    return Setup(cfg, source, device, tokenizer, windows, corpus_identity, tests, skipped, dist, tuned, digest, prewarm)
 
 
 def runnable(cfg: RunConfig, device: torch.device) -> tuple[tuple[Precision, ...], dict[str, str]]:
@@ -184,7 +187,7 @@ def shard(s: Setup) -> Plan:
     width = hidden_size(s.source, cfg.trust_remote_code) if s.device.type == "cuda" and not cfg.batch_size else None
     batch = cfg.batch_size or auto_batch_size(s.device, cfg.seq_len, width)
     noise_tokens = noise_budget(cfg.noise_tokens, mine.n_tokens, s.dist.world if s.dist else 1)
-    return Plan(cfg, s.source, s.device, s.tokenizer, mine, s.tests, batch, noise_tokens)
+    return Plan(cfg, s.source, s.device, s.tokenizer, mine, s.tests, batch, noise_tokens, s.prewarm)
 
 
 def run_passes(loop: Loop, data_parallel: bool, timing: dict) -> tuple[int, str] | None:

@@ -7,7 +7,6 @@ notifications, timing and peak memory, and the noise-floor pass.
 
 from __future__ import annotations
 
-import threading
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -15,12 +14,10 @@ import numpy as np
 import torch
 
 from evalsuite.config import RunConfig
-from evalsuite.metrics import kernels
 from evalsuite.metrics.divergence import reference_tokens, token_divergence
 from evalsuite.metrics.registry import DIVERGENCE_FIELDS, TOKEN_FIELDS, stats_for
 from evalsuite.model.batching import run_pass
 from evalsuite.model.forward import Scorer
-from evalsuite.model.head import VOCAB_PAD, pads_by_default
 from evalsuite.model.precision import Precision
 from evalsuite.phases import phase
 from evalsuite.store.windows import cut, scored_counts, unscored_of
@@ -75,90 +72,6 @@ class PassContext:
     segment: int  # index of this segment; observers that need one pass per dtype act on segment 0
     segment_windows: tuple[int, int, int]  # (first window, last window + 1, flat token offset)
     batch_size: int
-
-
-def warm_kernels(scorer: Scorer, role: str, prewarm: threading.Thread | None = None) -> float:
-    """Seconds spent compiling (or loading from Triton's cache) the fused divergence kernel for this
-    pass's logits, before the pass is timed.
-
-    Why: Triton compiles per vocabulary size, dtype pair and stride alignment at the first call,
-    and the first run on a machine did it inside the first timed pass (6,257 instead of 310,188
-    tokens/s on an H200, docs/performance.md). The probe is a real chunk of this scorer (ids
-    (1, 3)), so the test logits' layout (a padded head's view included) is the pass's. The time
-    counts any wait for `prewarm_kernels`' thread: the reference waits only for its own variants
-    (`reference_ready`), so a small model's reference pass starts while the test variants compile
-    (the 0.5B shape waited 2.6 s for all of them on an H200); a test pass waits for the thread."""
-    if not kernels.available(scorer.device) or scorer.device.type != "cuda":
-        return 0.0
-    import time
-
-    t0 = time.perf_counter()
-    if prewarm is not None:  # a prewarm_kernels thread
-        if role == "reference":
-            prewarm.reference_ready.wait()
-        else:
-            prewarm.join()
-    if role == "reference":
-        _variants(scorer.vocab_size, scorer.device, None)
-    else:
-        _, logits, _ = next(iter(scorer.chunks(torch.zeros((1, 3), dtype=torch.int64, device=scorer.device))))
-        _variants(scorer.vocab_size, scorer.device, logits)
-    torch.cuda.synchronize(scorer.device)
-    return time.perf_counter() - t0
-
-
-def _variants(vocab: int, device: torch.device, test: torch.Tensor | None) -> None:
-    """Run the fused kernel on the layouts a pass hands it: kept reference rows (2, V) float32
-    against `test` (None: against themselves), from the buffer's start and from a row whose start
-    is not 16-byte aligned. Why both: Triton specialises on pointer alignment, and with V not a
-    multiple of 4 most chunks of a kept buffer start unaligned (row r at 4 * V * r bytes), which
-    compiled a second variant inside the first timed pass."""
-    ref = torch.zeros((2, vocab), dtype=torch.float32, device=device)  # (2, V) as kept
-    kernels.fused_rows(ref, ref if test is None else test)
-    if vocab % 4:
-        shifted = torch.zeros(2 * vocab + 1, dtype=torch.float32, device=device)[1:].view(2, vocab)  # 4 bytes in
-        kernels.fused_rows(shifted, ref if test is None else test)
-
-
-def prewarm_kernels(device: torch.device, vocab: int | None, dtypes) -> threading.Thread | None:
-    """Compile the fused kernel's likely variants in a background thread while the reference loads.
-
-    Why: on a machine with an empty Triton cache the first compile also initialises Triton
-    (1.2-1.9 s at the 7B shape on an H200, docs/performance.md), and nothing else needs the CPU
-    while `from_pretrained` copies weights to the GPU. The variants (`_variants`): the reference
-    against itself, and each logits dtype against it with the vocabulary's own row stride and with
-    a padded head's (a multiple of VOCAB_PAD). The reference's come first (`reference_ready`).
-    `warm_kernels` waits for them, or joins the thread for a test pass, before it times its own
-    probe, which then finds the kernel compiled where the guess was right and compiles it where
-    not: a wrong guess costs time, never a number.
-    """
-    if not vocab or device.type != "cuda" or not kernels.available(device):
-        return None
-
-    def work():
-        try:
-            if device.index is not None:  # (torch.device("cuda") means the current device: no index to set)
-                torch.cuda.set_device(device)
-            _variants(vocab, device, None)
-            torch.cuda.synchronize(device)
-            thread.reference_ready.set()  # the reference's variants: its pass may start
-            padded = -(-vocab // VOCAB_PAD) * VOCAB_PAD
-            for dtype in dict.fromkeys(dtypes):
-                if pads_by_default(vocab, dtype.itemsize):  # a padded head's (2, Vpad)[:, :V] view
-                    _variants(vocab, device, torch.zeros((2, padded), dtype=dtype, device=device)[:, :vocab])
-                else:
-                    _variants(vocab, device, torch.zeros((2, vocab), dtype=dtype, device=device))
-            torch.cuda.synchronize(device)
-        except Exception as exc:  # noqa: BLE001 - only a head start: warm_kernels compiles whatever is missing
-            thread.error = exc
-        finally:
-            thread.reference_ready.set()
-
-    thread = threading.Thread(target=work, name="evalsuite-prewarm", daemon=True)
-    thread.error = None  # what stopped it early, if anything (tests, perf/kernel_variants.py)
-    thread.reference_ready = threading.Event()  # set once the reference's variants are compiled
-    thread.start()
-    return thread
 
 
 def notify(observers, method: str, *args):

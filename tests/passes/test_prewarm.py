@@ -1,16 +1,22 @@
-"""passes/scoring.prewarm_kernels: the fused kernel's variants compiled while the reference loads."""
+"""passes/prewarm.py: the fused kernel's variants compiled before the passes, in a child process or a thread."""
 
 from __future__ import annotations
+
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
 
-from evalsuite.passes.scoring import prewarm_kernels, warm_kernels
+from evalsuite.passes import prewarm
+from evalsuite.passes.prewarm import prewarm_child, prewarm_kernels, warm_kernels
 
 
-def test_nothing_is_started_without_a_gpu_or_a_vocabulary():
+def test_nothing_is_started_without_a_gpu_or_a_vocabulary(tiny_llama):
     assert prewarm_kernels(torch.device("cpu"), 49953, [torch.float16]) is None
     assert prewarm_kernels(torch.device("cuda", 0), None, [torch.float16]) is None
+    assert prewarm_child(torch.device("cpu"), str(tiny_llama), [torch.float16]) is None
 
 
 def _variants(kernel, device) -> int:
@@ -54,13 +60,91 @@ def test_the_passes_find_their_kernel_compiled(tiny_llama, dtype, pad):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_a_failing_thread_still_lets_the_reference_start(monkeypatch):
     """The reference waits on reference_ready: a thread that fails must set it, or the run would hang."""
-    from evalsuite.passes import scoring
-
     def boom(*args):
         raise RuntimeError("no compiler here")
 
-    monkeypatch.setattr(scoring, "_variants", boom)
+    monkeypatch.setattr(prewarm, "_variants", boom)
     thread = prewarm_kernels(torch.device("cuda", 0), 49953, [torch.float16])
     assert thread.reference_ready.wait(timeout=60)
     thread.join()
     assert isinstance(thread.error, RuntimeError)
+
+
+def _fake_child(code: str) -> list[str]:
+    return [sys.executable, "-c", code]
+
+
+def test_the_reference_may_start_once_the_child_says_so():
+    """`reference` on the child's stdout sets reference_ready while the child goes on (the test
+    variants); the thread ends with the child, without an error."""
+    thread = prewarm_child(torch.device("cuda", 0), "unused", [torch.float16], command=_fake_child(
+        "import time; print('reference', flush=True); time.sleep(3.0); print('done')"))
+    assert thread.reference_ready.wait(timeout=30)
+    assert thread.is_alive()  # still compiling the test variants
+    thread.join(timeout=30)
+    assert not thread.is_alive() and thread.error is None
+
+
+def test_a_failing_child_says_why_and_releases_the_reference():
+    thread = prewarm_child(torch.device("cuda", 0), "unused", [torch.float16], command=_fake_child(
+        "import sys; sys.stderr.write('warning\\nno CUDA driver here\\n'); sys.exit(3)"))
+    thread.join(timeout=30)
+    assert thread.reference_ready.is_set()  # a reference pass waiting on it goes on
+    assert isinstance(thread.error, RuntimeError)
+    assert "status 3" in str(thread.error) and "no CUDA driver here" in str(thread.error)
+
+
+def test_a_child_that_cannot_start_leaves_the_compile_to_the_run(tmp_path):
+    assert prewarm_child(torch.device("cuda", 0), "unused", [], command=[str(tmp_path / "no-such-python")]) is None
+
+
+def test_a_child_still_compiling_is_stopped_when_the_process_leaves():
+    """A run that fails after setup runs the exit handlers (startup.leave): the child goes with it."""
+    thread = prewarm_child(torch.device("cuda", 0), "unused", [], command=_fake_child("import time; time.sleep(60)"))
+    procs = list(prewarm._running)
+    assert len(procs) == 1 and procs[0].poll() is None
+    prewarm._stop_children()
+    thread.join(timeout=30)
+    assert not thread.is_alive() and procs[0].returncode is not None
+    assert thread.reference_ready.is_set() and not prewarm._running
+
+
+def test_the_child_compiles_nothing_where_triton_cannot_run(tiny_llama, capsys, monkeypatch):
+    """`python -m evalsuite.passes.prewarm` without a GPU: exit 0, nothing said, the run compiles itself."""
+    monkeypatch.setattr(prewarm.kernels, "available", lambda device: False)
+    assert prewarm.main(["--source", str(tiny_llama), "--dtypes", "float16,bfloat16"]) == 0
+    assert capsys.readouterr().out == ""
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_a_run_finds_the_childs_kernels_in_the_triton_cache(tiny_llama, tmp_path, dtype):
+    """The child's compiles reach the run through Triton's disk cache: a fresh process that then
+    probes the reference and a test pass (warm_kernels, the pass's own chunk layout) adds no entry
+    to the cache, where without the child the same probes add some."""
+    name = str(dtype).removeprefix("torch.")
+    probe = (
+        "import sys, torch\n"
+        "from transformers import AutoModelForCausalLM\n"
+        "from evalsuite.model.forward import Scorer\n"
+        "from evalsuite.passes.prewarm import warm_kernels\n"
+        "d = torch.device('cuda', 0)\n"
+        f"for dt, role in ((torch.float32, 'reference'), (torch.{name}, 'test')):\n"
+        "    m = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=dt).to(d).eval()\n"
+        "    warm_kernels(Scorer(m, d), role)\n")
+
+    def entries(cache):
+        return sorted(p.relative_to(cache) for p in cache.rglob("*") if p.is_file())
+
+    for with_child in (True, False):
+        cache = tmp_path / f"triton-{with_child}"
+        env = {**os.environ, "TRITON_CACHE_DIR": str(cache)}
+        if with_child:
+            subprocess.run([sys.executable, "-m", "evalsuite.passes.prewarm", "--source", str(tiny_llama),
+                            "--dtypes", name, "--device", "0"], env=env, check=True, timeout=600)
+        before = entries(cache) if cache.exists() else []
+        assert bool(before) == with_child
+        subprocess.run([sys.executable, "-c", probe, str(tiny_llama)], env=env, check=True, timeout=600)
+        added = set(entries(cache)) - set(before)
+        assert (not added) if with_child else added, (with_child, sorted(map(str, added))[:5])
