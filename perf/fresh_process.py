@@ -19,6 +19,13 @@ random-init checkpoint of the shape is built first (perf/baselines.py), saved in
 to disk, so every load reads the same files from the page cache. Each step records the GPU's
 clocks, power and temperature before it. Writes fresh_<name>.json under --out and prints one line
 per command.
+
+`--cold-pairs N` measures only the cold case, N times: before each pair the page cache is dropped
+(where this process may: the device's root can) and evalsuite gets a new EVALSUITE_CACHE and
+inductor cache, so each pair is a fresh machine's first two processes; the order alternates (pair
+0 runs the plain loop first). One pair is one ratio; the host's start-up varies by seconds from
+process to process (docs/performance.md, round 11), so the median of the pairs is the figure.
+Writes fresh_<name>_cold_pairs.json.
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -109,6 +117,7 @@ def main() -> int:
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--only", help="comma-separated steps to run (default: all)")
+    ap.add_argument("--cold-pairs", type=int, default=0, help="only N cold pairs (plain loop, evalsuite cold)")
     args = ap.parse_args()
     args.text = str(Path(args.text).resolve())
     sys.path.insert(0, str(HERE))
@@ -126,6 +135,8 @@ def main() -> int:
     result = {"shape": name, "tokens": args.max_tokens, "batch": args.batch, "versions": versions(), "runs": {}}
     cold_env = {**env, "EVALSUITE_CACHE": str(work / "cache-nocache")}  # its own empty kernel cache
     subprocess.run(["sync"], check=False)  # the checkpoint just written is on disk before anything is timed
+    if args.cold_pairs:
+        return cold_pairs(model, name, args, env, work, result)
     steps = [("plain_first", lambda: plain(model, args, env)),
              ("evalsuite_cold_no_cache",
               lambda: evalsuite_run(model, args, cold_env, work / "o0", ["--no-reference-cache"])),
@@ -155,6 +166,41 @@ def main() -> int:
     if tests and "evalsuite_warm_cached" in runs:
         print(f"{name} evalsuite_warm_cached / plain_tests (fp16+bf16 only): "
               f"{runs['evalsuite_warm_cached']['wall_s'] / tests:.2f}x", flush=True)
+    return 0
+
+
+def drop_page_cache() -> bool:
+    """Empty the kernel's page cache (root only), so the next process reads every file from disk."""
+    subprocess.run(["sync"], check=False)
+    try:
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+        return True
+    except OSError:
+        return False
+
+
+def cold_pairs(model: str, name: str, args, env: dict, work: Path, result: dict) -> int:
+    """`--cold-pairs`: N (plain loop, evalsuite cold) pairs, each from a dropped page cache and empty caches."""
+    pairs = result["pairs"] = []
+    for i in range(args.cold_pairs):
+        cold = {**env, "EVALSUITE_CACHE": str(work / f"cache-pair{i}"), "TORCHINDUCTOR_CACHE_DIR": str(work / f"inductor-pair{i}")}
+        dropped = drop_page_cache()
+        steps = [("plain", lambda: plain(model, args, env)),
+                 ("evalsuite_cold", lambda c=cold, o=work / f"pair{i}": evalsuite_run(model, args, c, o, []))]
+        pair = {"page_cache_dropped": dropped, "order": [k for k, _ in steps[:: 1 if i % 2 == 0 else -1]]}
+        for key, step in steps[:: 1 if i % 2 == 0 else -1]:
+            pair["gpu_before_" + key] = gpu_state()
+            pair[key] = step()
+        pair["ratio"] = round(pair["evalsuite_cold"]["wall_s"] / pair["plain"]["wall_s"], 3)
+        pairs.append(pair)
+        print(f"{name} pair {i} ({' then '.join(pair['order'])}, page cache dropped: {dropped}): plain "
+              f"{pair['plain']['wall_s']:.1f} s, evalsuite cold {pair['evalsuite_cold']['wall_s']:.1f} s: "
+              f"{pair['ratio']:.2f}x", flush=True)
+    ratios = sorted(p["ratio"] for p in pairs)
+    result["median_ratio"] = statistics.median(ratios)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / f"fresh_{name}_cold_pairs.json").write_text(json.dumps(result, indent=1))
+    print(f"{name} cold pairs: ratios {ratios}, median {result['median_ratio']:.3f}x", flush=True)
     return 0
 
 
