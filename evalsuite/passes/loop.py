@@ -82,7 +82,7 @@ class Loop:
 
     def __init__(self, plan: Plan, stores: Stores, observers: tuple, collect_snapshots: bool = False):
         self.cfg, self.source, self.device, self.tokenizer = plan.cfg, plan.source, plan.device, plan.tokenizer
-        self.prewarm = plan.prewarm  # prewarm.py: the kernel's compile, followed until the first test pass
+        self.prewarm = plan.prewarm  # prewarm.py: a child compiling the kernel; run_all adds the thread
         self.attention = AttentionWarm(plan.device, [p.dtype for p in plan.tests])  # cuDNN's builds, off the test passes
         self.windows, self.tests, self.observers = plan.windows, plan.tests, observers
         self.state, self.cache, self.writer = stores.state, stores.cache, stores.writer
@@ -142,9 +142,9 @@ class Loop:
 
     def run_all(self) -> None:
         seg = 0
-        if self.device.type == "cuda" and self.prewarm is None:  # no child: compile while the reference loads
+        if self.device.type == "cuda":  # the kernel compiles (or loads what prewarm_child compiled) meanwhile
             self.prewarm = prewarm_kernels(self.device, vocab_size(self.source, self.cfg.trust_remote_code),
-                                           [p.dtype for p in self.tests])
+                                           [p.dtype for p in self.tests], after=self.prewarm) or self.prewarm
         while self.segments is None or seg < len(self.segments):
             todo = [p for p in self.tests if p.name not in self.failed and not self.state.has(seg, p.name)]
             buffer = self._reference(seg, need_logits=bool(todo))

@@ -78,15 +78,22 @@ def _variants(vocab: int, device: torch.device, test: torch.Tensor | None) -> No
         kernels.fused_rows(shifted, ref if test is None else test)
 
 
-def compile_all(vocab: int, device: torch.device, dtypes, reference_done=lambda: None) -> None:
+def compile_all(vocab: int, device: torch.device, dtypes, reference_done=lambda: None,
+                after: threading.Thread | None = None) -> None:
     """Every variant the passes will ask for: the reference against itself (then `reference_done()`),
     and each logits dtype against it with the vocabulary's own row stride or, where the head is
-    padded by default, a padded head's (2, Vpad)[:, :V] view."""
+    padded by default, a padded head's (2, Vpad)[:, :V] view. `after`: a prewarm_child thread
+    whose variants to wait for first, each group as it is ready, so this process loads them
+    from Triton's cache (a fraction of a second each) instead of compiling them."""
     if device.index is not None:  # (torch.device("cuda") means the current device: no index to set)
         torch.cuda.set_device(device)
+    if after is not None:
+        after.reference_ready.wait()
     _variants(vocab, device, None)
     torch.cuda.synchronize(device)
     reference_done()
+    if after is not None:
+        after.join()
     padded = -(-vocab // VOCAB_PAD) * VOCAB_PAD
     for dtype in dict.fromkeys(dtypes):
         if pads_by_default(vocab, dtype.itemsize):
@@ -96,16 +103,19 @@ def compile_all(vocab: int, device: torch.device, dtypes, reference_done=lambda:
     torch.cuda.synchronize(device)
 
 
-def prewarm_kernels(device: torch.device, vocab: int | None, dtypes) -> threading.Thread | None:
+def prewarm_kernels(device: torch.device, vocab: int | None, dtypes,
+                    after: threading.Thread | None = None) -> threading.Thread | None:
     """compile_all in a background thread of this process (while the reference loads); the
     returned thread has `reference_ready` (an Event, set once the reference's variants are
-    compiled or the thread failed) and `error` (what stopped it early, if anything)."""
+    compiled or the thread failed) and `error` (what stopped it early, if anything). With a
+    prewarm_child (`after`) it loads what the child compiled: even a cached kernel took 0.3-1.2 s
+    of the 7B reference pass's start on an H200 where the pass's own first call loaded it."""
     if not vocab or device.type != "cuda" or not kernels.available(device):
         return None
 
     def work():
         try:
-            compile_all(vocab, device, dtypes, thread.reference_ready.set)
+            compile_all(vocab, device, dtypes, thread.reference_ready.set, after)
         except Exception as exc:  # noqa: BLE001 - only a head start: warm_kernels compiles whatever is missing
             thread.error = exc
         finally:

@@ -148,3 +148,20 @@ def test_a_run_finds_the_childs_kernels_in_the_triton_cache(tiny_llama, tmp_path
         subprocess.run([sys.executable, "-c", probe, str(tiny_llama)], env=env, check=True, timeout=600)
         added = set(entries(cache)) - set(before)
         assert (not added) if with_child else added, (with_child, sorted(map(str, added))[:5])
+
+
+def test_the_runs_thread_loads_each_group_once_the_child_has_compiled_it(monkeypatch):
+    """prewarm_kernels(after=child): the reference's variants are asked for only after the child
+    said `reference`, the test dtypes' only after it ended, so each comes from Triton's cache."""
+    seen = []
+    monkeypatch.setattr(prewarm.kernels, "available", lambda device: True)
+    monkeypatch.setattr(prewarm.torch.cuda, "synchronize", lambda device=None: None)
+    monkeypatch.setattr(prewarm, "_variants", lambda vocab, device, test: seen.append(
+        (test is None, child.reference_ready.is_set(), child.is_alive())))
+    monkeypatch.setattr(prewarm.torch, "zeros", lambda *a, **k: torch.empty(0))
+    child = prewarm_child(torch.device("cuda"), "unused", [], command=_fake_child(
+        "import time; time.sleep(1.0); print('reference', flush=True); time.sleep(3.0)"))
+    thread = prewarm_kernels(torch.device("cuda"), 384, [torch.float16], after=child)
+    thread.join(timeout=30)
+    assert thread.error is None
+    assert seen == [(True, True, True), (False, True, False)]  # (reference?, child said reference, child running)
