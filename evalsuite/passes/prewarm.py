@@ -32,6 +32,7 @@ from evalsuite.metrics import kernels
 from evalsuite.model.head import VOCAB_PAD, pads_by_default
 
 CHILD_MIN_CPUS = 4  # below this the child's imports would slow the run's own start-up: a thread instead
+CHILD_TIMEOUT_S = 300.0  # a child still at it by then is stuck (it took seconds): stopped, the run compiles itself
 _running: set[subprocess.Popen] = set()  # children still compiling, stopped when the process leaves early
 _lock = threading.Lock()
 
@@ -161,6 +162,9 @@ def prewarm_child(device: torch.device, source: str, dtypes, trust_remote_code: 
         _running.add(proc)
 
     def follow():
+        stuck = threading.Timer(CHILD_TIMEOUT_S, proc.kill)
+        stuck.daemon = True
+        stuck.start()
         try:
             for line in proc.stdout:
                 if line.strip() == "reference":
@@ -171,6 +175,7 @@ def prewarm_child(device: torch.device, source: str, dtypes, trust_remote_code: 
                 tail = errors.read().decode(errors="replace").strip().splitlines()[-1:] or [""]
                 thread.error = RuntimeError(f"the prewarm child exited with status {code}: {tail[0][:300]}")
         finally:
+            stuck.cancel()
             thread.reference_ready.set()
             with _lock:
                 _running.discard(proc)

@@ -165,3 +165,12 @@ def test_the_runs_thread_loads_each_group_once_the_child_has_compiled_it(monkeyp
     thread.join(timeout=30)
     assert thread.error is None
     assert seen == [(True, True, True), (False, True, False)]  # (reference?, child said reference, child running)
+
+
+def test_a_stuck_child_is_stopped_and_the_run_goes_on(monkeypatch):
+    """A child that never answers would hold the first test pass (it joins the prewarm) for ever."""
+    monkeypatch.setattr(prewarm, "CHILD_TIMEOUT_S", 1.0)
+    thread = prewarm_child(torch.device("cuda", 0), "unused", [], command=_fake_child("import time; time.sleep(60)"))
+    thread.join(timeout=30)
+    assert not thread.is_alive() and thread.reference_ready.is_set()
+    assert "status -9" in str(thread.error)
