@@ -1,5 +1,6 @@
 """What the process does around the heavy imports: keep compiled bytecode where there is none
-before them, and skip tearing them down after.
+before them, skip tearing them down after, and stop the helper children it started (the
+checkpoint's hash, the kernel's compile) when it leaves before they are done.
 
 Why: torch and transformers are about 2,600 Python modules. Where their site-packages is
 read-only (a container image, a shared environment) and ships no compiled bytecode, every new
@@ -14,11 +15,15 @@ from __future__ import annotations
 import atexit
 import importlib.util
 import os
+import subprocess
 import sys
 import threading
 from pathlib import Path
 
 PROBE = "torch"  # the largest import; its site-packages stands for the others
+_children: set[subprocess.Popen] = set()  # helper children still running (spawn), stopped by stop_children
+_children_lock = threading.Lock()  # makes starting one and stopping them all exclusive
+_leaving = threading.Event()  # stop_children has run: no helper child starts any more
 
 
 def bytecode_cache(root: Path) -> Path | None:
@@ -62,3 +67,47 @@ def leave(code: int) -> None:
         except (OSError, ValueError):  # a closed or broken pipe: nothing more can reach it
             pass
     os._exit(code)
+
+
+def spawn(cmd: list[str], **popen) -> subprocess.Popen | None:
+    """subprocess.Popen(cmd, **popen) for a helper child that must not outlive the process: it is
+    stopped by stop_children unless `reap`ed first. None once the process is leaving."""
+    with _children_lock:
+        if _leaving.is_set():
+            return None
+        proc = subprocess.Popen(cmd, **popen)
+        _children.add(proc)
+    return proc
+
+
+def reap(proc: subprocess.Popen) -> None:
+    """`proc` (from spawn) has ended: nothing to stop any more."""
+    with _children_lock:
+        _children.discard(proc)
+
+
+def leaving() -> bool:
+    """Whether stop_children has run: a helper child that ended now was stopped, not broken."""
+    return _leaving.is_set()
+
+
+@atexit.register
+def stop_children(grace_s: float = 0.5) -> None:
+    """Stop every helper child still running (terminate, `grace_s` to go, then kill) and start none
+    from now on. An exit handler: a run that fails after setup (leave, sys.exit) while a first
+    run still hashes a 13 GB checkpoint or compiles its kernel neither waits for that child nor
+    leaves it running; the thread following it then gives up instead of doing the work itself."""
+    with _children_lock:
+        _leaving.set()
+        procs = list(_children)
+    for proc in procs:
+        proc.terminate()
+    for proc in procs:
+        try:
+            proc.wait(grace_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            try:
+                proc.wait(grace_s)
+            except subprocess.TimeoutExpired:
+                pass  # unkillable (uninterruptible I/O): nothing more to do from here

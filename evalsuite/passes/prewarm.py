@@ -19,7 +19,6 @@ prints `reference` once the reference's variants are compiled and `done` at the 
 from __future__ import annotations
 
 import argparse
-import atexit
 import os
 import subprocess
 import sys
@@ -28,13 +27,13 @@ import threading
 
 import torch
 
+from evalsuite import startup
 from evalsuite.metrics import kernels
 from evalsuite.model.head import VOCAB_PAD, pads_by_default
+from evalsuite.model.loading import vocab_size
 
 CHILD_MIN_CPUS = 4  # below this the child's imports would slow the run's own start-up: a thread instead
 CHILD_TIMEOUT_S = 300.0  # a child still at it by then is stuck (it took seconds): stopped, the run compiles itself
-_running: set[subprocess.Popen] = set()  # children still compiling, stopped when the process leaves early
-_lock = threading.Lock()
 
 
 def warm_kernels(scorer, role: str, prewarm: threading.Thread | None = None) -> float:
@@ -109,8 +108,9 @@ def prewarm_kernels(device: torch.device, vocab: int | None, dtypes,
     """compile_all in a background thread of this process (while the reference loads); the
     returned thread has `reference_ready` (an Event, set once the reference's variants are
     compiled or the thread failed) and `error` (what stopped it early, if anything). With a
-    prewarm_child (`after`) it loads what the child compiled: even a cached kernel took 0.3-1.2 s
-    of the 7B reference pass's start on an H200 where the pass's own first call loaded it."""
+    prewarm_child (`after`) it loads what the child compiled, meanwhile: with the child alone the
+    cold 7B reference pass still waited 0.3-1.2 s at its start on an H200, loading the kernels
+    from the cache in its first call or waiting for the child."""
     if not vocab or device.type != "cuda" or not kernels.available(device):
         return None
 
@@ -152,14 +152,14 @@ def prewarm_child(device: torch.device, source: str, dtypes, trust_remote_code: 
     if sys.pycache_prefix and "PYTHONPYCACHEPREFIX" not in env:  # startup.bytecode_cache's choice holds there too
         env["PYTHONPYCACHEPREFIX"] = sys.pycache_prefix
     errors = tempfile.TemporaryFile()
-    try:
-        proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=errors,
-                                env=env, text=True)
-    except OSError:  # no interpreter to start: the run's thread compiles instead (Loop.run_all)
+    try:  # (startup.stop_children stops it if the run ends first)
+        proc = startup.spawn(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=errors, env=env,
+                             text=True)
+    except OSError:  # no interpreter to start
+        proc = None
+    if proc is None:  # the run's thread compiles instead (Loop.run_all)
         errors.close()
         return None
-    with _lock:
-        _running.add(proc)
 
     def follow():
         stuck = threading.Timer(CHILD_TIMEOUT_S, proc.kill)
@@ -177,29 +177,12 @@ def prewarm_child(device: torch.device, source: str, dtypes, trust_remote_code: 
         finally:
             stuck.cancel()
             thread.reference_ready.set()
-            with _lock:
-                _running.discard(proc)
+            startup.reap(proc)
             errors.close()
 
     thread = _handle(follow, "evalsuite-prewarm-child")
     thread.start()
     return thread
-
-
-@atexit.register
-def _stop_children() -> None:
-    """A run that ends early (an error after setup) does not leave a child compiling behind it."""
-    with _lock:
-        procs = list(_running)
-    for proc in procs:
-        if proc.poll() is None:
-            proc.kill()
-
-
-def _vocab(source: str, trust_remote_code: bool) -> int | None:
-    from evalsuite.model.loading import vocab_size
-
-    return vocab_size(source, trust_remote_code)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -213,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device("cuda", args.device) if args.device is not None else torch.device("cuda")
     if not torch.cuda.is_available() or not kernels.available(device):
         return 0  # nothing to compile here: the run's warm_kernels compiles what it needs
-    vocab = _vocab(args.source, args.trust_remote_code)
+    vocab = vocab_size(args.source, args.trust_remote_code)
     if not vocab:
         return 0  # nothing to compile here: the run's warm_kernels compiles what it needs
     dtypes = [getattr(torch, name) for name in args.dtypes.split(",") if name]

@@ -139,7 +139,7 @@ def setup(cfg: RunConfig, source: str, dist, timing: dict) -> Setup:
                          f"max_position_embeddings {limit}: use --seq-len {limit - 1} or less")
     # after the option checks: a refused run exits at once instead of waiting for the hash
     digest = digest_meanwhile(cfg, source)
-    prewarm = prewarm_child(device, source, [p.dtype for p in cfg.dtypes], cfg.trust_remote_code)
+    prewarm = prewarm_child(device, source, [p.dtype for p in cfg.dtypes if p != cfg.reference], cfg.trust_remote_code)
     with phase("tokenizer"):
         tokenizer = load_tokenizer(source, cfg.trust_remote_code)
     with phase("tokenize"):

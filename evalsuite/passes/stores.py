@@ -44,7 +44,7 @@ def digest_meanwhile(cfg: RunConfig, source: str) -> Future | None:
     thread only waits: a child process reads and hashes (store/filehash.py says why).
 
     The thread is a daemon, unlike a ThreadPoolExecutor's, which exit joins: a run that fails
-    after setup ends at once (startup.leave), and digests.stop_hashing stops the child then."""
+    after setup ends at once (startup.leave), and startup.stop_children stops the child then."""
     if cfg.reference_cache is None:
         return None
     future: Future = Future()

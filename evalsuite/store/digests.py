@@ -7,19 +7,18 @@ with them while the tokenizer loads (a background thread that waits on a child p
 
 from __future__ import annotations
 
-import atexit
 import hashlib
 import json
 import os
 import subprocess
 import sys
-import threading
 from concurrent.futures import CancelledError
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from evalsuite import startup
 from evalsuite.store import filehash
 from evalsuite.store.filehash import sha256_file
 from evalsuite.store.results import atomic_write_text
@@ -38,7 +37,7 @@ def _hash_in_child(paths: list[Path], workers: int | None) -> list[str]:
     """sha256_file of each path, computed by a child interpreter running filehash.py (standard
     library only: -I -S, no site-packages, nothing of this process's imports). Where the child
     cannot run or answers anything else, the same digests are computed here: only slower. Where
-    stop_hashing stopped it (the process is leaving), nothing is hashed again: CancelledError."""
+    startup.stop_children stopped it (the process is leaving), nothing is hashed again: CancelledError."""
     cmd = [sys.executable, "-I", "-S", filehash.__file__, *(["--workers", str(workers)] if workers else []),
            *map(str, paths)]
     try:
@@ -48,21 +47,18 @@ def _hash_in_child(paths: list[Path], workers: int | None) -> list[str]:
     lines = out.split() if out is not None else []
     if len(lines) == len(paths) and all(len(x) == 64 for x in lines):
         return lines
-    if _leaving.is_set():
+    if startup.leaving():
         raise CancelledError("checkpoint hash stopped: the process is leaving")
     return [sha256_file(p, workers) for p in paths]
 
 
 def _child_output(cmd: list[str]) -> str | None:
     """The child's standard output where it exits with status 0, else None; None at once (no child
-    started) once stop_hashing has run. The running child is in _running while it hashes, so that
-    stop_hashing can reach it; the lock makes starting one and stopping them all exclusive."""
-    with _lock:
-        if _leaving.is_set():
-            return None
-        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                stderr=subprocess.DEVNULL, text=True)
-        _running.add(proc)
+    started) once the process is leaving. startup.spawn keeps the child where the exit handler
+    (startup.stop_children) can stop it."""
+    proc = startup.spawn(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    if proc is None:
+        return None
     try:
         out, _ = proc.communicate()
     except BaseException:  # as subprocess.run does: no child left behind
@@ -70,37 +66,8 @@ def _child_output(cmd: list[str]) -> str | None:
         proc.wait()
         raise
     finally:
-        with _lock:
-            _running.discard(proc)
+        startup.reap(proc)
     return out if proc.returncode == 0 else None
-
-
-def stop_hashing(grace_s: float = 0.5) -> None:
-    """Stop every hashing child still running (terminate, `grace_s` to go, then kill) and start none
-    from now on. Registered with atexit: a run that fails after setup (startup.leave, sys.exit)
-    while a first run still hashes a 13 GB checkpoint neither waits for the hash nor leaves the
-    child reading on; the waiting thread then gives up (CancelledError) instead of hashing here."""
-    with _lock:
-        _leaving.set()
-        procs = list(_running)
-    for proc in procs:
-        proc.terminate()
-    for proc in procs:
-        try:
-            proc.wait(grace_s)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            try:
-                proc.wait(grace_s)
-            except subprocess.TimeoutExpired:
-                pass  # unkillable (uninterruptible I/O): nothing more to do from here
-
-
-# The hashing children now running (_child_output) and whether the process is leaving (stop_hashing).
-_running: set[subprocess.Popen] = set()
-_lock = threading.Lock()
-_leaving = threading.Event()
-atexit.register(stop_hashing)
 
 
 def checkpoint_files(source: str) -> Path | None:

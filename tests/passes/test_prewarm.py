@@ -5,10 +5,12 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
 
 import pytest
 import torch
 
+from evalsuite import startup
 from evalsuite.passes import prewarm
 from evalsuite.passes.prewarm import prewarm_child, prewarm_kernels, warm_kernels
 
@@ -98,15 +100,17 @@ def test_a_child_that_cannot_start_leaves_the_compile_to_the_run(tmp_path):
     assert prewarm_child(torch.device("cuda", 0), "unused", [], command=[str(tmp_path / "no-such-python")]) is None
 
 
-def test_a_child_still_compiling_is_stopped_when_the_process_leaves():
+def test_a_child_still_compiling_is_stopped_when_the_process_leaves(monkeypatch):
     """A run that fails after setup runs the exit handlers (startup.leave): the child goes with it."""
+    monkeypatch.setattr(startup, "_leaving", threading.Event())  # (this test's process goes on after it)
     thread = prewarm_child(torch.device("cuda", 0), "unused", [], command=_fake_child("import time; time.sleep(60)"))
-    procs = list(prewarm._running)
+    procs = list(startup._children)
     assert len(procs) == 1 and procs[0].poll() is None
-    prewarm._stop_children()
+    startup.stop_children()
     thread.join(timeout=30)
     assert not thread.is_alive() and procs[0].returncode is not None
-    assert thread.reference_ready.is_set() and not prewarm._running
+    assert thread.reference_ready.is_set() and not startup._children
+    assert prewarm_child(torch.device("cuda", 0), "unused", [], command=_fake_child("pass")) is None  # none after
 
 
 def test_the_child_compiles_nothing_where_triton_cannot_run(tiny_llama, capsys, monkeypatch):

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from helpers import process_gone, sleeping_child, wait_for_pid
 
+from evalsuite import startup
 from evalsuite.store import digests, filehash
 
 
@@ -65,19 +66,19 @@ def test_a_checkpoint_hashed_in_the_child_has_the_in_process_digest(tiny_llama, 
 
 
 def test_a_child_stopped_as_the_process_leaves_is_not_hashed_again_here(tmp_path, monkeypatch):
-    """stop_hashing (atexit) kills the child still hashing; the thread waiting on it gives up
+    """startup.stop_children (atexit) stops the child still hashing; the thread waiting on it gives up
     (CancelledError) instead of falling back to a hash in this process, and no child starts after."""
     (tmp_path / "a").write_bytes(b"abc")
     exe, pid_file = sleeping_child(tmp_path)
     monkeypatch.setattr(sys, "executable", str(exe))
-    monkeypatch.setattr(digests, "_leaving", threading.Event())  # (this test's process goes on after it)
+    monkeypatch.setattr(startup, "_leaving", threading.Event())  # (this test's process goes on after it)
     seen = []
     monkeypatch.setattr(digests, "sha256_file", lambda *a: seen.append(a) or "in-process")
     with ThreadPoolExecutor(1) as pool:
         hashing = pool.submit(digests._hash_in_child, [tmp_path / "a"], None)
         pid = wait_for_pid(pid_file)
         try:
-            digests.stop_hashing()
+            startup.stop_children()
             with pytest.raises(CancelledError):
                 hashing.result(timeout=10)
             assert process_gone(pid)
