@@ -45,15 +45,33 @@ def check_model_source(source: str) -> None:
 
 def max_positions(source: str) -> int | None:
     """`max_position_embeddings` of a local checkpoint's (text) config, where it says one."""
+    return _positive_int(_local_text_config(source), "max_position_embeddings")
+
+
+def local_vocab_size(source: str) -> int | None:
+    """`vocab_size` of a local checkpoint's (text) config, read as JSON. Why not AutoConfig: the
+    kernel's compile child (passes/prewarm.py) needs only this number, and transformers' import
+    for it more than doubled that child's start-up (on the 2-core CPU: torch and Triton 1.7 s,
+    then AutoConfig 2.0 s). A hint only: a wrong one costs a compile, never a number."""
+    return _positive_int(_local_text_config(source), "vocab_size")
+
+
+def _local_text_config(source: str) -> dict | None:
+    """A local checkpoint's config.json as a dict (its `text_config` where it nests one), else None."""
     if not is_local(source):
         return None
     try:
         data = json.loads((Path(source).expanduser() / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
-    data = data.get("text_config", data) if isinstance(data.get("text_config"), dict) else data
-    value = data.get("max_position_embeddings")
-    return int(value) if isinstance(value, int) and value > 0 else None
+    if not isinstance(data, dict):
+        return None
+    return data["text_config"] if isinstance(data.get("text_config"), dict) else data
+
+
+def _positive_int(data: dict | None, key: str) -> int | None:
+    value = (data or {}).get(key)
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
 
 
 def _check_hub(repo_id: str) -> None:
