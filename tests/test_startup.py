@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import subprocess
 import sys
+import threading
 from types import SimpleNamespace
 
 import pytest
@@ -92,3 +93,33 @@ def test_leave_skips_the_interpreter_teardown():
     normal = subprocess.run([sys.executable, "-c", code, "exit"], capture_output=True, text=True)
     fast = subprocess.run([sys.executable, "-c", code, "leave"], capture_output=True, text=True)
     assert normal.stdout == "finalised\n" and fast.stdout == "" and fast.returncode == 0
+
+
+@pytest.fixture
+def own_children(monkeypatch):
+    """This test's own set of helper children and leaving flag (the process goes on after it)."""
+    monkeypatch.setattr(startup, "_children", set())
+    monkeypatch.setattr(startup, "_leaving", threading.Event())
+
+
+def test_stop_children_ends_a_child_that_ignores_terminate_and_then_starts_none(own_children):
+    """terminate, then kill after the grace: a helper that traps SIGTERM still goes; a child that
+    was reaped (it ended by itself) is left alone; nothing is spawned once the process is leaving."""
+    stubborn = startup.spawn([sys.executable, "-c", "import signal, time\n"
+                              "signal.signal(signal.SIGTERM, signal.SIG_IGN)\nprint('ready', flush=True)\n"
+                              "time.sleep(60)"], stdout=subprocess.PIPE, text=True)
+    assert stubborn.stdout.readline().strip() == "ready"  # its handler is in place
+    finished = startup.spawn([sys.executable, "-c", "pass"])
+    finished.wait(30)
+    startup.reap(finished)
+    assert startup._children == {stubborn} and not startup.leaving()
+    startup.stop_children(grace_s=0.2)
+    assert stubborn.wait(5) == -9  # killed: SIGTERM was ignored
+    assert startup.leaving()
+    assert startup.spawn([sys.executable, "-c", "pass"]) is None
+
+
+def test_stop_children_ends_a_child_that_exits_on_terminate_at_once(own_children):
+    child = startup.spawn([sys.executable, "-c", "import time; time.sleep(60)"])
+    startup.stop_children(grace_s=5.0)
+    assert child.poll() == -15  # SIGTERM sufficed: no kill needed
