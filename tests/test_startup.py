@@ -115,6 +115,7 @@ def test_stop_children_ends_a_child_that_ignores_terminate_and_then_starts_none(
     assert startup._children == {stubborn} and not startup.leaving()
     startup.stop_children(grace_s=0.2)
     assert stubborn.wait(5) == -9  # killed: SIGTERM was ignored
+    stubborn.stdout.close()
     assert startup.leaving()
     assert startup.spawn([sys.executable, "-c", "pass"]) is None
 
