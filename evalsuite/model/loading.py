@@ -18,6 +18,7 @@ import torch
 
 from evalsuite.errors import ModelLoadError
 from evalsuite.model.precision import Precision
+from evalsuite.model.source import local_vocab_size
 
 _SAFETENSORS_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}
 
@@ -70,8 +71,15 @@ def hidden_size(source: str, trust_remote_code: bool = False) -> int | None:
 
 
 def vocab_size(source: str, trust_remote_code: bool = False) -> int | None:
-    """The vocabulary size from the config (None where unknown): a hint only, for prewarm_kernels,
-    where a wrong or missing one costs a compile, never a number."""
+    """The vocabulary size from the config (None where unknown): a hint only, for the kernel's
+    prewarm (passes/prewarm.py), where a wrong or missing one costs a compile, never a number.
+    A local config.json is read as JSON (source.local_vocab_size), AutoConfig only where it says
+    none (a Hub id): the prewarm child calls this, and AutoConfig imported transformers there, so
+    on an H200 the run waited 4-5 s for the child's kernels at the Qwen2-0.5B shape and for Gemma 3,
+    whose loads take 2-3 s (docs/performance.md, round 12)."""
+    local = local_vocab_size(source)
+    if local is not None:
+        return local
     vocab = getattr(_text_config(source, trust_remote_code), "vocab_size", None)
     return int(vocab) if vocab else None
 

@@ -52,7 +52,7 @@ def local_vocab_size(source: str) -> int | None:
     """`vocab_size` of a local checkpoint's (text) config, read as JSON. Why not AutoConfig: the
     kernel's compile child (passes/prewarm.py) needs only this number, and transformers' import
     for it more than doubled that child's start-up (on the 2-core CPU: torch and Triton 1.7 s,
-    then AutoConfig 2.0 s). A hint only: a wrong one costs a compile, never a number."""
+    then AutoConfig 2.0 s). loading.vocab_size reads it here first."""
     return _positive_int(_local_text_config(source), "vocab_size")
 
 

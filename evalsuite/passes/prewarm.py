@@ -11,7 +11,7 @@ writes the compiled kernels to Triton's cache (evalsuite's cache directory, cli.
 run's own first call finds them as a later run does. Each side stays correct alone: a child
 that fails or guessed a layout wrong leaves a kernel to compile, never a number to change.
 
-    python -m evalsuite.passes.prewarm --device 0 --source CHECKPOINT --dtypes float16,bfloat16 [--vocab V]
+    python -m evalsuite.passes.prewarm --device 0 --source CHECKPOINT --dtypes float16,bfloat16
 
 prints `reference` once the reference's variants are compiled and `done` at the end.
 """
@@ -31,7 +31,6 @@ from evalsuite import startup
 from evalsuite.metrics import kernels
 from evalsuite.model.head import VOCAB_PAD, pads_by_default
 from evalsuite.model.loading import vocab_size
-from evalsuite.model.source import local_vocab_size
 
 CHILD_MIN_CPUS = 4  # below this the child's imports would slow the run's own start-up: a thread instead
 CHILD_TIMEOUT_S = 300.0  # a child still at it by then is stuck (it took seconds): stopped, the run compiles itself
@@ -135,29 +134,20 @@ def _handle(target, name: str) -> threading.Thread:
     return thread
 
 
-def child_command(device: torch.device, source: str, dtypes, trust_remote_code: bool = False) -> list[str]:
-    """The child's command line. It carries the vocabulary where a local config.json says it, so
-    the child imports torch and Triton alone. Why: reading it through AutoConfig imported
-    transformers there too, and on an H200 the run then waited 4-5 s for the child's kernels at
-    the Qwen2-0.5B shape and for Gemma 3, whose loads take 2-3 s (docs/performance.md, round 12)."""
-    vocab = local_vocab_size(source)
-    return [sys.executable, "-m", "evalsuite.passes.prewarm", "--source", source,
-            "--dtypes", ",".join(str(d).removeprefix("torch.") for d in dict.fromkeys(dtypes)),
-            *(["--vocab", str(vocab)] if vocab else []),
-            *(["--device", str(device.index)] if device.index is not None else []),
-            *(["--trust-remote-code"] if trust_remote_code else [])]
-
-
 def prewarm_child(device: torch.device, source: str, dtypes, trust_remote_code: bool = False,
                   command: list[str] | None = None) -> threading.Thread | None:
     """compile_all in a child process started now (with the run's start-up); returns a thread that
     follows it, with prewarm_kernels' `reference_ready` and `error`, or None where a child cannot
     help (not a CUDA device, no Triton, fewer than CHILD_MIN_CPUS cores). `command` replaces the
-    child's (tests)."""
+    child's (tests). The child reads the vocabulary from the checkpoint's config itself, so this
+    process starts it before importing transformers."""
     if command is None:
         if device.type != "cuda" or not kernels.available(device) or (os.cpu_count() or 1) < CHILD_MIN_CPUS:
             return None
-        command = child_command(device, source, dtypes, trust_remote_code)
+        command = [sys.executable, "-m", "evalsuite.passes.prewarm", "--source", source,
+                   "--dtypes", ",".join(str(d).removeprefix("torch.") for d in dict.fromkeys(dtypes)),
+                   *(["--device", str(device.index)] if device.index is not None else []),
+                   *(["--trust-remote-code"] if trust_remote_code else [])]
     env = dict(os.environ)
     if sys.pycache_prefix and "PYTHONPYCACHEPREFIX" not in env:  # startup.bytecode_cache's choice holds there too
         env["PYTHONPYCACHEPREFIX"] = sys.pycache_prefix
@@ -202,12 +192,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dtypes", default="")
     ap.add_argument("--device", type=int)
     ap.add_argument("--trust-remote-code", action="store_true")
-    ap.add_argument("--vocab", type=int, help="the vocabulary size (else read through AutoConfig)")
     args = ap.parse_args(argv)
     device = torch.device("cuda", args.device) if args.device is not None else torch.device("cuda")
     if not torch.cuda.is_available() or not kernels.available(device):
         return 0  # nothing to compile here: the run's warm_kernels compiles what it needs
-    vocab = args.vocab or vocab_size(args.source, args.trust_remote_code)
+    vocab = vocab_size(args.source, args.trust_remote_code)
     if not vocab:
         return 0  # nothing to compile here: the run's warm_kernels compiles what it needs
     dtypes = [getattr(torch, name) for name in args.dtypes.split(",") if name]

@@ -1,11 +1,14 @@
-"""model/source.py: what a local checkpoint's config.json says, read without transformers."""
+"""model/source.py: what a local checkpoint's config.json says, read without transformers (and
+loading.vocab_size, which reads it there first)."""
 
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 from transformers import AutoConfig
 
+from evalsuite.model import loading
 from evalsuite.model.source import local_vocab_size, max_positions
 
 
@@ -32,3 +35,10 @@ def test_nothing_is_guessed_where_the_config_does_not_say(tmp_path):
     for bad in ([1, 2], {"vocab_size": True}, {"vocab_size": -3}, {"vocab_size": "32000"}, {"model_type": "llama"}):
         (tmp_path / "config.json").write_text(json.dumps(bad))
         assert local_vocab_size(str(tmp_path)) is None, bad
+
+
+def test_vocab_size_asks_autoconfig_only_where_no_local_config_says(tiny_llama, monkeypatch):
+    asked = []
+    monkeypatch.setattr(loading, "_text_config", lambda source, trust: asked.append(source) or SimpleNamespace(vocab_size=321))
+    assert loading.vocab_size(str(tiny_llama)) == AutoConfig.from_pretrained(tiny_llama).vocab_size and not asked
+    assert loading.vocab_size("org/some-model") == 321 and asked == ["org/some-model"]

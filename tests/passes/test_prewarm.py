@@ -180,31 +180,32 @@ def test_a_stuck_child_is_stopped_and_the_run_goes_on(monkeypatch):
     assert "status -9" in str(thread.error)
 
 
-def test_the_child_is_told_the_vocabulary_and_imports_no_transformers(tiny_llama):
-    """The child's command carries the config's vocabulary, so the child skips AutoConfig: in a
-    fresh interpreter, building the command and importing the child's module pull in no
-    transformers (whose import more than doubled the child's start-up)."""
+
+def test_the_child_reads_the_vocabulary_without_importing_transformers(tiny_llama):
+    """In a fresh interpreter, the child's module and its vocabulary lookup on a local checkpoint
+    give AutoConfig's number and pull in no transformers (whose import more than doubled the
+    child's start-up)."""
     from transformers import AutoConfig
 
-    command = prewarm.child_command(torch.device("cuda", 1), str(tiny_llama), [torch.float16, torch.bfloat16])
-    assert command[command.index("--vocab") + 1] == str(AutoConfig.from_pretrained(tiny_llama).vocab_size)
-    assert command[command.index("--device") + 1] == "1" and command[command.index("--dtypes") + 1] == "float16,bfloat16"
-    assert "--vocab" not in prewarm.child_command(torch.device("cuda"), "org/some-model", [torch.float16])
-    probe = ("import sys, torch\n"
+    probe = ("import sys\n"
              "from evalsuite.passes import prewarm\n"
-             "prewarm.child_command(torch.device('cuda'), sys.argv[1], [torch.float16])\n"
+             "print(prewarm.vocab_size(sys.argv[1]))\n"
              "sys.exit(3 if 'transformers' in sys.modules else 0)\n")
-    assert subprocess.run([sys.executable, "-c", probe, str(tiny_llama)], timeout=120).returncode == 0
+    done = subprocess.run([sys.executable, "-c", probe, str(tiny_llama)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == str(AutoConfig.from_pretrained(tiny_llama).vocab_size)
 
 
-def test_the_child_compiles_for_the_vocabulary_it_is_told(tiny_llama, monkeypatch):
-    """`--vocab` is used as given; AutoConfig is read only without it (a Hub id)."""
+def test_the_child_compiles_for_the_configs_vocabulary(tiny_llama, monkeypatch):
+    """The child compiles for the vocabulary of --source's config, AutoConfig left unread there."""
+    from transformers import AutoConfig
+
+    from evalsuite.model import loading
+
     seen = []
     monkeypatch.setattr(prewarm.torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(prewarm.kernels, "available", lambda device: True)
     monkeypatch.setattr(prewarm, "compile_all", lambda vocab, device, dtypes, done: seen.append((vocab, dtypes)))
-    monkeypatch.setattr(prewarm, "vocab_size", lambda *a: pytest.fail("AutoConfig read although --vocab was given"))
-    assert prewarm.main(["--source", str(tiny_llama), "--dtypes", "float16", "--vocab", "4099"]) == 0
-    monkeypatch.setattr(prewarm, "vocab_size", lambda source, trust: 321)
-    assert prewarm.main(["--source", str(tiny_llama), "--dtypes", "bfloat16"]) == 0
-    assert seen == [(4099, [torch.float16]), (321, [torch.bfloat16])]
+    monkeypatch.setattr(loading, "_text_config", lambda *a: pytest.fail("AutoConfig read for a local checkpoint"))
+    assert prewarm.main(["--source", str(tiny_llama), "--dtypes", "float16"]) == 0
+    assert seen == [(AutoConfig.from_pretrained(tiny_llama).vocab_size, [torch.float16])]
